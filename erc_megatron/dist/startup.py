@@ -1,0 +1,132 @@
+"""Distributed start-up: read the launcher's environment, create the default group and megatron's
+parallel_state, refusing a layout that does not fit before any model is built.
+
+Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), srun (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST; MASTER_ADDR defaults to the first host of the
+node list), and mpirun (OMPI_COMM_WORLD_* / PMI_*; or call `erc_megatron.dist.mpi.bootstrap_from_mpi`
+first, which fills the variables from mpi4py).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from erc_megatron.model.config import ConfigError, ModelConfig, ParallelConfig, layout_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """'node[01-03,07],gpu5' -> ['node01', 'node02', 'node03', 'node07', 'gpu5'] (scontrol's syntax)."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    port = int(env.get("MASTER_PORT", "29500"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                         env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))[0]
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                         addr, port, "slurm")
+    if "OMPI_COMM_WORLD_RANK" in env:
+        if "MASTER_ADDR" not in env:
+            raise ConfigError("started by mpirun without MASTER_ADDR: call erc_megatron.dist.mpi.bootstrap_from_mpi() "
+                              "or export MASTER_ADDR/MASTER_PORT")
+        return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                         int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")), env["MASTER_ADDR"], port, "mpi")
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def check_layout(world_size: int, parallel: ParallelConfig, model: ModelConfig | None = None) -> None:
+    """Raise ConfigError listing every reason the layout does not fit (numbers named)."""
+    from erc_megatron.model.gpt import have_transformer_engine
+
+    errors = layout_errors(world_size, parallel, model, has_transformer_engine=have_transformer_engine())
+    if errors:
+        raise ConfigError("parallel layout does not fit:\n  - " + "\n  - ".join(errors))
+
+
+def init_distributed(parallel: ParallelConfig, model: ModelConfig | None = None,
+                     backend: str | None = None, environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Create the default process group (if needed) and megatron's parallel_state; seed RNGs.
+
+    nccl on GPUs, gloo on CPU (where megatron-core's CPU fixes in erc_megatron.patches are applied).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from erc_megatron.patches.megatron_cpu import apply_cpu_patches
+
+    env = read_launch_env(environ)
+    if dist.is_initialized():
+        env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.master_addr,
+                        env.master_port, env.launcher)
+    check_layout(env.world_size, parallel, model)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        apply_cpu_patches()
+    else:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if on_gpu else "gloo")
+        dist.init_process_group(
+            backend, rank=env.rank, world_size=env.world_size,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
+    )
+    torch.manual_seed(parallel.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(parallel.seed)
+    log.info("rank %d/%d (%s): tp=%d pp=%d cp=%d dp=%d", env.rank, env.world_size, env.launcher,
+             parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+             parallel.context_parallel_size, parallel_state.get_data_parallel_world_size())
+    return env
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""Build a megatron-core GPTModel shard for a Llama / Qwen2 / Qwen3-style dense model."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from erc_megatron.model.config import ModelConfig
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _TORCH_DTYPES[name]
+
+
+def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int = 1,
+                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch_dtype(model.params_dtype)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # p2p sync calls torch.cuda.synchronize(); not needed with batched isend/irecv on gloo
+        batch_p2p_sync=on_gpu,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if have_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bool | None = None,
+                    post_process: bool | None = None):
+    """This rank's GPTModel shard; parallel_state must be initialised (see erc_megatron.dist)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if transformer_config is None:
+        transformer_config = build_transformer_config(
+            model, tp, parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size())
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    gpt = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
+    )
+    if not torch.cuda.is_available():
+        return gpt
+    return gpt.cuda(torch.cuda.current_device())

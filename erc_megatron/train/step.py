@@ -1,0 +1,147 @@
+"""Forward-only (old policy) and training passes on megatron-core's own pipeline schedule.
+
+The loss lives on the last pipeline stage. Token-mean aggregation uses a global denominator that
+the caller computes once per mini-batch from the batch's masks before the schedule runs (every
+rank holds the whole mini-batch's masks, so it costs no collective); each micro-batch then
+contributes sum(m*l) / N_global, rescaled here for megatron's averaging (the schedule divides by
+the number of micro-batches, DDP averages over data-parallel ranks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+
+from erc_megatron.train.batch import MicroBatch
+
+
+@dataclass
+class LogitsConfig:
+    """How per-token log-probs and entropies are taken from the vocab-parallel logits."""
+
+    temperature: float = 1.0
+    """Rollout temperature; logits are divided by it before anything else."""
+    chunk_size: int | None = None
+    """Rows per chunk in the log-prob/entropy op (bounds its extra memory)."""
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def token_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, cfg: LogitsConfig,
+                          entropy_grad: bool = False):
+    from erc_megatron.ops import vocab_parallel_logprob_entropy
+
+    return vocab_parallel_logprob_entropy(logits, labels, tp_group=_tp_group(), temperature=cfg.temperature,
+                                          chunk_size=cfg.chunk_size, entropy_grad=entropy_grad,
+                                          vocab_size=vocab_size)
+
+
+def _model_forward(mb: MicroBatch, model):
+    return model(mb.tokens, mb.position_ids, attention_mask=None)
+
+
+def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, logits: torch.Tensor):
+    logp, entropy = token_logprob_entropy(logits, mb.labels, vocab_size, cfg)
+    return logits.new_zeros(()), {"logp": logp.detach() * mb.loss_mask, "entropy": entropy.detach() * mb.loss_mask}
+
+
+def run_schedule(model, micro_batches: list[MicroBatch], forward_step: Callable, forward_only: bool) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    b, s = micro_batches[0].tokens.shape
+    for i, mb in enumerate(micro_batches):
+        if tuple(mb.tokens.shape) != (b, s):
+            raise ValueError(f"micro-batch {i} has shape {tuple(mb.tokens.shape)}, expected {(b, s)}: "
+                             "the pipeline schedule needs equal shapes")
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+
+@torch.no_grad()
+def old_policy_pass(model, micro_batches: list[MicroBatch], vocab_size: int, cfg: LogitsConfig) -> list[MicroBatch]:
+    """Forward-only pass giving old_logp and old_entropy per response token (0 elsewhere).
+
+    Returns the micro-batches with those fields filled on the last pipeline stage; other stages
+    get them back unchanged (the loss, which needs them, runs on the last stage only).
+    """
+    from megatron.core import parallel_state
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _model_forward(mb, model), partial(_forward_only_loss, mb, vocab_size, cfg)
+
+    model.eval()
+    try:
+        outputs = run_schedule(model, micro_batches, forward_step, forward_only=True)
+    finally:
+        model.train()
+    if not parallel_state.is_pipeline_last_stage():
+        return micro_batches
+    return [mb.with_(old_logp=o["logp"], old_entropy=o["entropy"]) for mb, o in zip(micro_batches, outputs)]
+
+
+LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports on every rank."""
+
+    per_microbatch: list  # last stage: the loss function's metric dicts; elsewhere []
+    grad_norm: float
+    updated: bool
+
+
+def forward_backward(model, micro_batches: list[MicroBatch], loss_fn: LossFn) -> list:
+    """Run forward+backward over all micro-batches; returns the last stage's per-micro-batch dicts.
+
+    `loss_fn(logits, mb)` must return (loss already divided by the GLOBAL denominator, metrics).
+    """
+    from megatron.core import parallel_state
+
+    n = len(micro_batches)
+    dp = parallel_state.get_data_parallel_world_size()
+
+    def _loss(mb, logits):
+        loss, metrics = loss_fn(logits, mb)
+        # undo the schedule's 1/num_microbatches and DDP's 1/dp: the global denominator already
+        # normalises over every micro-batch of every data-parallel rank
+        return loss * (n * dp), metrics
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _model_forward(mb, model), partial(_loss, mb)
+
+    return run_schedule(model, micro_batches, forward_step, forward_only=False)
+
+
+def optimizer_step(learner, skip: bool) -> tuple[bool, float]:
+    """Step (or skip, keeping the weights untouched) and advance the LR schedule when stepping."""
+    if skip:
+        learner.optimizer.zero_grad()
+        return False, float("nan")
+    updated, grad_norm, _ = learner.optimizer.step()
+    if updated:
+        learner.scheduler.step(increment=1)
+    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def zero_grads(learner) -> None:
+    learner.model.zero_grad_buffer()
+    learner.optimizer.zero_grad()
+
+
+def finite(values: Iterable[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
