@@ -29,6 +29,9 @@ def _entry(rank, world_size, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
@@ -38,12 +41,13 @@ def _entry(rank, world_size, port, fn, args, queue):
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
-                from megatron.core import parallel_state  # noqa: PLC0415
+            import sys
 
-                parallel_state.destroy_model_parallel()
-            except Exception:  # noqa: BLE001
-                pass
+            if "megatron.core.parallel_state" in sys.modules:  # importing megatron costs seconds
+                try:
+                    sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+                except Exception:  # noqa: BLE001
+                    pass
             dist.destroy_process_group()
 
 
