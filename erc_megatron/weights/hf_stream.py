@@ -1,0 +1,220 @@
+"""Stream a TP x PP model's weights as buckets of Hugging Face (name, tensor) pairs.
+
+This is what weight sync to SGLang and HF export consume. `iter_hf_weights` is collective: every
+rank of the model runs it. Who receives buckets (`destination`):
+- "stage": on each pipeline stage, tensor-parallel rank 0 of data/context-parallel replica 0
+  receives its own stage's buckets. Stages run in parallel and nothing crosses stages; a weight
+  sync then uses one sender per stage (one update group per stage, as slime does).
+- "rank0": the stage leaders send each bucket as one flat tensor (one p2p message per bucket,
+  at most one in flight) to the first stage's leader, global rank 0 in megatron's rank order,
+  which yields every bucket, its own stage first: one sender, one extra hop for later stages.
+Cost per stage: one all-gather over the TP group per gather group (consecutive parameters of up
+to `bucket_bytes` in full size; replicated norms travel in no collective). All-gather rather than
+gather, because it is NCCL's fastest collective; only the leader keeps the result. Other data /
+context-parallel replicas hold the same weights and do nothing.
+
+Bucket contents follow from the config alone (`plan_hf_buckets`), so every rank knows each
+bucket's names, shapes and dtype before any tensor exists (a sender can announce a bucket to
+SGLang while it is gathered). A bucket holds at most `bucket_bytes`, except that a single tensor
+larger than that travels alone. All tensors are cast to one dtype (`dtype`, default the model's
+params_dtype) before they are gathered. Tensors received from another stage are views of one
+flat buffer per bucket; others may alias the model's parameters (TP1, norms): do not modify them,
+and copy what must outlive the next optimizer step.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from erc_megatron.model.config import ConfigError, ModelConfig
+from erc_megatron.model.gpt import torch_dtype
+
+from .hf_convert import check_hf_compatible, hf_from_megatron, hf_names, hf_shape
+from .layout import LocalParam, TPSplit, full_param_shape, merge_tp, stage_params
+from .rank_params import RankGroups, rank_groups, rank_parameters
+
+DESTINATIONS = ("stage", "rank0")
+Bucket = list[tuple[str, torch.Tensor]]
+
+# all_gather_single replaces all_gather_into_tensor in new torch; same arguments
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class HFTensorSpec:
+    """One HF tensor of a planned bucket."""
+
+    name: str
+    """Hugging Face name."""
+    shape: tuple[int, ...]
+    """Full (unpadded) shape."""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def stage_hf_tensors(cfg: ModelConfig, pp_rank: int, pp_size: int) -> list[HFTensorSpec]:
+    """The HF tensors pipeline stage `pp_rank` exports, in order (a tied output copy exports nothing)."""
+    return [HFTensorSpec(n, hf_shape(n, cfg)) for p in stage_params(cfg, pp_rank, pp_size) if not p.tied_copy
+            for n in hf_names(p.full_name)]
+
+
+def pack_buckets(specs: list[HFTensorSpec], bucket_bytes: int, element_size: int) -> list[list[HFTensorSpec]]:
+    """Greedy in-order packing: a bucket closes when the next tensor would push it past bucket_bytes."""
+    if bucket_bytes <= 0:
+        raise ConfigError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    buckets: list[list[HFTensorSpec]] = []
+    current: list[HFTensorSpec] = []
+    size = 0
+    for s in specs:
+        n = s.numel * element_size
+        if current and size + n > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += n
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def plan_hf_buckets(cfg: ModelConfig, pp_size: int, bucket_bytes: int,
+                    dtype: torch.dtype | None = None) -> list[list[list[HFTensorSpec]]]:
+    """Per pipeline stage, the buckets `iter_hf_weights` delivers (the same on every rank)."""
+    element_size = torch.empty((), dtype=dtype or torch_dtype(cfg.params_dtype)).element_size()
+    return [pack_buckets(stage_hf_tensors(cfg, s, pp_size), bucket_bytes, element_size) for s in range(pp_size)]
+
+
+def is_bucket_receiver(destination: str = "stage", tp_group=None, pp_group=None, dp_group=None) -> bool:
+    """Whether `iter_hf_weights` yields buckets on this rank."""
+    _check_destination(destination)
+    g = rank_groups(tp_group, pp_group, dp_group)
+    return g.dp_rank == 0 and g.tp_rank == 0 and (destination == "stage" or g.pp_rank == 0)
+
+
+def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: torch.dtype | None = None,
+                    destination: str = "stage", tp_group=None, pp_group=None,
+                    dp_group=None) -> Iterator[Bucket]:
+    """Yield HF (name, tensor) buckets on the receiving ranks (see module docstring); run on all ranks."""
+    _check_destination(destination)
+    check_hf_compatible(model_cfg)
+    g = rank_groups(tp_group, pp_group, dp_group)
+    if g.dp_rank != 0:
+        return
+    out_dtype = dtype or torch_dtype(model_cfg.params_dtype)
+    plan = plan_hf_buckets(model_cfg, g.pp_size, bucket_bytes, out_dtype)
+    units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size)
+    own = _stage_buckets([u for u in units if not u.tied_copy], params, model_cfg, plan[g.pp_rank], g, out_dtype,
+                         bucket_bytes)
+    if destination == "stage" or g.pp_size == 1:
+        yield from own
+        return
+    if g.tp_rank != 0:
+        for _ in own:  # runs this rank's part of the TP gathers
+            pass
+        return
+    first = dist.get_global_rank(g.pp_group, 0)
+    if g.pp_rank != 0:
+        in_flight = None
+        for bucket in own:
+            flat = torch.cat([t.reshape(-1) for _, t in bucket])
+            if in_flight is not None:
+                in_flight[0].wait()
+            in_flight = (dist.isend(flat, dst=first, group=g.pp_group), flat)
+        if in_flight is not None:
+            in_flight[0].wait()
+        return
+    yield from own
+    device = next(iter(params.values())).device
+    for stage in range(1, g.pp_size):
+        src = dist.get_global_rank(g.pp_group, stage)
+        for specs in plan[stage]:
+            flat = torch.empty(sum(s.numel for s in specs), dtype=out_dtype, device=device)
+            dist.recv(flat, src=src, group=g.pp_group)
+            yield list(zip((s.name for s in specs), _views(flat, specs)))
+
+
+def _check_destination(destination: str) -> None:
+    if destination not in DESTINATIONS:
+        raise ConfigError(f"destination must be one of {DESTINATIONS}, got {destination!r}")
+
+
+def _views(flat: torch.Tensor, specs: list[HFTensorSpec]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for s in specs:
+        out.append(flat[offset: offset + s.numel].view(s.shape))
+        offset += s.numel
+    return out
+
+
+def _gather_groups(units: list[LocalParam], cfg: ModelConfig, tp_size: int, element_size: int,
+                   bucket_bytes: int) -> Iterator[list[LocalParam]]:
+    """Consecutive parameters up to bucket_bytes in full size (a larger one alone)."""
+    group: list[LocalParam] = []
+    size = 0
+    for u in units:
+        n = element_size
+        for d in full_param_shape(u.full_name, cfg, tp_size):
+            n *= d
+        if group and size + n > bucket_bytes:
+            yield group
+            group, size = [], 0
+        group.append(u)
+        size += n
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full (TP-merged) tensors of the group's parameters, valid on TP rank 0; one all-gather."""
+    local = {u.local_name: params[u.local_name].detach().to(dtype) for u in group}
+    split = [u for u in group if u.split is not TPSplit.REPLICATED]
+    if g.tp_size == 1 or not split:
+        return local
+    flat = torch.cat([local[u.local_name].reshape(-1) for u in split])
+    gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
+    _all_gather_flat(gathered, flat, group=g.tp_group)
+    gathered = gathered.view(g.tp_size, -1)
+    out = dict(local)
+    offset = 0
+    for u in split:
+        shape = local[u.local_name].shape
+        n = local[u.local_name].numel()
+        out[u.local_name] = merge_tp([gathered[r, offset: offset + n].view(shape) for r in range(g.tp_size)],
+                                     u.split)
+        offset += n
+    return out
+
+
+def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan: list[list[HFTensorSpec]],
+                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[Bucket]:
+    """This stage's buckets in plan order on TP rank 0; other TP ranks only take part in the gathers."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    pending = iter(plan)
+    want = next(pending, None)
+    ready: dict[str, torch.Tensor] = {}
+    for group in _gather_groups(units, cfg, g.tp_size, element_size, bucket_bytes):
+        full = _gather_full(group, params, g, dtype)
+        if g.tp_rank != 0:
+            continue
+        for u in group:
+            for name, tensor in hf_from_megatron(u.full_name, full[u.local_name], cfg):
+                ready[name] = tensor.contiguous()
+        while want is not None and all(s.name in ready for s in want):
+            bucket = [(s.name, ready.pop(s.name)) for s in want]
+            for (name, tensor), s in zip(bucket, want):
+                if tuple(tensor.shape) != s.shape:
+                    raise RuntimeError(f"{name}: produced shape {tuple(tensor.shape)}, planned {s.shape}")
+            yield bucket
+            want = next(pending, None)
+    if g.tp_rank == 0 and (want is not None or ready):
+        raise RuntimeError(f"bucket plan and produced tensors disagree: left {sorted(ready)[:4]}, "
+                           f"waiting for {[s.name for s in want or []][:4]}")

@@ -1,0 +1,83 @@
+"""This rank's place in the TP x PP x DP layout and its GPTModel parameters, checked against `layout`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from erc_megatron.model.config import ConfigError, ModelConfig
+
+from .layout import LocalParam, canonical_name, stage_layers, stage_params
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    """The process groups a weight transfer needs, and this rank's position in them."""
+
+    tp_group: object
+    """Tensor-parallel group (the ranks holding shards of the same parameters)."""
+    pp_group: object
+    """Pipeline group (same TP / DP position, one rank per stage)."""
+    dp_group: object | None
+    """Data-parallel group including context parallelism (replicas of the same weights); None: no replicas."""
+    tp_rank: int
+    """Rank in tp_group."""
+    tp_size: int
+    """Size of tp_group."""
+    pp_rank: int
+    """Rank in pp_group (the pipeline stage)."""
+    pp_size: int
+    """Size of pp_group."""
+    dp_rank: int
+    """Rank in dp_group (0 when there is none)."""
+
+
+def rank_groups(tp_group=None, pp_group=None, dp_group=None) -> RankGroups:
+    """Explicit groups where given, megatron's parallel_state for the rest (no DP replicas without it)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        tp_group = ps.get_tensor_model_parallel_group() if tp_group is None else tp_group
+        pp_group = ps.get_pipeline_model_parallel_group() if pp_group is None else pp_group
+        dp_group = ps.get_data_parallel_group(with_context_parallel=True) if dp_group is None else dp_group
+    elif tp_group is None or pp_group is None:
+        raise RuntimeError("megatron parallel_state is not initialised: call erc_megatron.dist.init_distributed "
+                           "or pass tp_group and pp_group")
+    return RankGroups(tp_group, pp_group, dp_group,
+                      dist.get_rank(tp_group), dist.get_world_size(tp_group),
+                      dist.get_rank(pp_group), dist.get_world_size(pp_group),
+                      0 if dp_group is None else dist.get_rank(dp_group))
+
+
+def unwrap_model(model) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ConfigError(f"virtual pipeline parallelism is not supported: got {len(model)} model chunks")
+        model = model[0]
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def rank_parameters(model, cfg: ModelConfig, pp_rank: int, pp_size: int
+                    ) -> tuple[list[LocalParam], dict[str, torch.nn.Parameter]]:
+    """This stage's parameter plan and its parameters by local-spec name; fails if the model differs."""
+    gpt = unwrap_model(model)
+    params = {canonical_name(n): p for n, p in gpt.named_parameters()}
+    plan = stage_params(cfg, pp_rank, pp_size)
+    want = {p.local_name for p in plan}
+    missing, unexpected = sorted(want - set(params)), sorted(set(params) - want)
+    if missing or unexpected:
+        raise ConfigError(f"the GPTModel of pipeline stage {pp_rank}/{pp_size} does not match the model config: "
+                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    # megatron numbers layers globally (1-based) in layer_number; an uneven split would show here
+    layers = getattr(getattr(gpt, "decoder", None), "layers", None)
+    if layers is not None:
+        expected = [i + 1 for i in stage_layers(cfg, pp_rank, pp_size)]
+        got = [getattr(layer, "layer_number", None) for layer in layers]
+        if None not in got and got != expected:
+            raise ConfigError(f"pipeline stage {pp_rank} holds layers {got} (1-based), expected an even split "
+                              f"{expected}; uneven pipeline splits are not supported")
+    return plan, params
