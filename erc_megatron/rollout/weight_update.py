@@ -1,0 +1,188 @@
+"""Server side of weight updates: receive Hugging Face-named tensors, validate, apply atomically.
+
+Mirrors SGLang's model-runner handlers for `/init_weights_update_group`,
+`/update_weights_from_distributed` (per-tensor broadcasts from group rank 0, or one
+`flattened_bucket` broadcast), `/update_weights_from_disk` and `/destroy_weights_update_group`,
+with one deliberate difference: SGLang's `load_weights` may leave a model half-updated when a
+name is bad, while here every tensor of a call is received first, all names / shapes / dtypes are
+validated against the model's state dict, and only then is everything copied in, between two
+engine steps. A call either changes every named tensor or none.
+
+The broadcast is received even when validation will fail (unknown name, wrong shape), so the
+learner's matching broadcast completes instead of hanging; only requests that cannot be received
+at all (unknown group, unparseable dtype or shape, mismatched list lengths) return before it.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from erc_megatron.patches.custom_process_group import destroy_custom_process_group, init_custom_process_group
+
+from .engine import Engine
+from .flat_bucket import bucket_nbytes, unflatten_tensors
+
+log = logging.getLogger(__name__)
+
+LOAD_FORMATS_DISTRIBUTED = (None, "flattened_bucket")
+LOAD_FORMATS_DISK = (None, "auto", "safetensors")
+BACKENDS = ("gloo", "nccl")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bfloat16' (SGLang's spelling, `getattr(torch, name)`) or 'torch.bfloat16' -> torch dtype."""
+    attr = name[len("torch."):] if isinstance(name, str) and name.startswith("torch.") else name
+    dtype = getattr(torch, attr, None) if isinstance(attr, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use torch dtype names such as 'bfloat16' or 'float32'")
+    return dtype
+
+
+class WeightUpdater:
+    """Weight-update groups and atomic weight loading for one engine's model."""
+
+    def __init__(self, engine: Engine, group_timeout: timedelta = timedelta(minutes=30)):
+        self.engine = engine
+        self.group_timeout = group_timeout
+        self._groups: dict[str, tuple[dist.ProcessGroup, str]] = {}
+        self._groups_lock = threading.Lock()
+        self._targets = dict(engine.model.state_dict(keep_vars=True))
+        storage: dict[int, list[str]] = {}
+        for name, tensor in self._targets.items():
+            storage.setdefault(tensor.data_ptr(), []).append(name)
+        # Names that alias one tensor, e.g. lm_head.weight and model.embed_tokens.weight when tied.
+        self._aliases = {name: names for names in storage.values() if len(names) > 1 for name in names}
+
+    @property
+    def group_names(self) -> list[str]:
+        with self._groups_lock:
+            return sorted(self._groups)
+
+    # ----------------------------------------------------------------- groups
+    def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                   group_name: str = "weight_update_group", backend: str = "nccl") -> tuple[bool, str]:
+        if backend not in BACKENDS:
+            return False, f"backend must be one of {BACKENDS}, got {backend!r}"
+        if backend == "nccl" and not torch.cuda.is_available():
+            return False, "backend 'nccl' needs CUDA, which this embedded server does not have; use backend 'gloo'"
+        with self._groups_lock:
+            if group_name in self._groups:
+                return False, f"weight update group {group_name!r} already exists; destroy it first"
+        # One server = one rank (no tensor parallelism), so the rank is the offset itself.
+        rank = rank_offset
+        try:
+            group = init_custom_process_group(
+                backend=backend, init_method=f"tcp://{master_address}:{master_port}",
+                world_size=world_size, rank=rank, group_name=group_name, timeout=self.group_timeout)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, like SGLang
+            log.exception("init_weights_update_group failed")
+            return False, f"Failed to initialize custom process group: {type(exc).__name__}: {exc}."
+        with self._groups_lock:
+            self._groups[group_name] = (group, backend)
+        log.info("weight update group %r ready: rank %d of %d via %s:%s (%s)",
+                 group_name, rank, world_size, master_address, master_port, backend)
+        return True, "Succeeded to initialize custom process group."
+
+    def destroy_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
+        with self._groups_lock:
+            entry = self._groups.pop(group_name, None)
+        if entry is None:
+            return False, f"The group to be destroyed ({group_name!r}) does not exist."
+        try:
+            destroy_custom_process_group(entry[0])
+        except Exception as exc:  # noqa: BLE001
+            return False, f"Failed to destroy custom process group: {exc}."
+        return True, "Succeeded to destroy custom process group."
+
+    # ----------------------------------------------------------------- updates
+    def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                group_name: str = "weight_update_group",
+                                load_format: str | None = None) -> tuple[bool, str]:
+        with self._groups_lock:
+            entry = self._groups.get(group_name)
+        if entry is None:
+            return False, (f"Group {group_name!r} not in {self.group_names}. "
+                           "Please call `init_weights_update_group` first.")
+        if load_format not in LOAD_FORMATS_DISTRIBUTED:
+            return False, f"load_format must be one of {LOAD_FORMATS_DISTRIBUTED}, got {load_format!r}"
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) \
+                or not len(names) == len(dtypes) == len(shapes) or not names:
+            return False, "names, dtypes and shapes must be non-empty lists of the same length"
+        try:
+            torch_dtypes = [parse_dtype(d) for d in dtypes]
+            shapes = [[int(s) for s in shape] for shape in shapes]
+            if any(s < 0 for shape in shapes for s in shape):
+                raise ValueError(f"shapes must be non-negative, got {shapes}")
+        except (TypeError, ValueError) as exc:
+            return False, f"Failed to update parameter online: {exc}"
+        group, backend = entry
+        device = "cuda" if backend == "nccl" else "cpu"
+        if load_format == "flattened_bucket":
+            buffer = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8, device=device)
+            dist.broadcast(buffer, src=0, group=group)
+            tensors = unflatten_tensors(buffer.cpu(), torch_dtypes, shapes)
+        else:
+            tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in zip(torch_dtypes, shapes)]
+            handles = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+            for handle in handles:
+                handle.wait()
+            tensors = [t.cpu() for t in tensors]
+        return self.apply(list(zip(names, tensors)))
+
+    def update_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str]:
+        if load_format not in LOAD_FORMATS_DISK:
+            return False, f"load_format must be one of {LOAD_FORMATS_DISK}, got {load_format!r}"
+        files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+        if not files:
+            return False, f"Failed to update weights: no *.safetensors files in {model_path!r}"
+        from safetensors.torch import load_file  # noqa: PLC0415 - only this endpoint needs it
+
+        named = []
+        try:
+            for path in files:
+                named.extend(load_file(path).items())
+        except Exception as exc:  # noqa: BLE001
+            return False, f"Failed to update weights: cannot read {model_path!r}: {exc}"
+        return self.apply(named)
+
+    def apply(self, named: list[tuple[str, torch.Tensor]]) -> tuple[bool, str]:
+        """Validate every (HF name, tensor), then copy all of them in between two engine steps."""
+        problems = self._validate(named)
+        if problems:
+            return False, "Failed to update weights, nothing was changed: " + "; ".join(problems)
+        with self.engine.exclusive(), torch.no_grad():
+            for name, tensor in named:
+                self._targets[name].data.copy_(tensor)
+        return True, "Succeeded to update parameter online."
+
+    def _validate(self, named: list[tuple[str, torch.Tensor]]) -> list[str]:
+        problems = []
+        seen: dict[str, torch.Tensor] = {}
+        unknown = [name for name, _ in named if name not in self._targets]
+        if unknown:
+            problems.append(f"unknown parameter name(s) {unknown} (not in the model's state dict)")
+        for name, tensor in named:
+            if name in seen:
+                problems.append(f"parameter {name!r} appears twice")
+            seen[name] = tensor
+            target = self._targets.get(name)
+            if target is None:
+                continue
+            if tuple(tensor.shape) != tuple(target.shape):
+                problems.append(f"shape mismatch for {name!r}: got {list(tensor.shape)}, "
+                                f"model has {list(target.shape)}")
+            elif tensor.is_floating_point() != target.is_floating_point():
+                problems.append(f"dtype mismatch for {name!r}: got {tensor.dtype}, model has {target.dtype}")
+        for name, tensor in seen.items():
+            for alias in self._aliases.get(name, ()):
+                other = seen.get(alias)
+                if alias != name and other is not None and other.shape == tensor.shape \
+                        and not torch.equal(other.to(tensor.dtype), tensor) and name < alias:
+                    problems.append(f"{name!r} and {alias!r} are tied in this model but got different values")
+        return problems
