@@ -27,3 +27,17 @@ def bootstrap_from_mpi(port: int | None = None) -> None:
     addr, port = comm.bcast(info, root=0)
     os.environ.update(RANK=str(comm.Get_rank()), WORLD_SIZE=str(comm.Get_size()),
                       LOCAL_RANK=str(local.Get_rank()), MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mpirun -np N python -m erc_megatron.dist.mpi train --config ...`: bootstrap, then the CLI."""
+    bootstrap_from_mpi()
+    from erc_megatron.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

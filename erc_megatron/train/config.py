@@ -1,0 +1,162 @@
+"""The one config tree of a training run, validated once at start-up.
+
+`erc-megatron train --config examples/<recipe>.yaml section.key=value ...` builds `RunConfig`.
+Field names follow Megatron's flags where one exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from erc_megatron.algo import PolicyLossConfig
+from erc_megatron.data.prompts import DataConfig
+from erc_megatron.model.config import ConfigError, ParallelConfig
+from erc_megatron.reward.registry import RewardConfig
+from erc_megatron.train.learner import OptimConfig
+from erc_megatron.train.step import LogitsConfig
+
+
+@dataclass
+class ModelSection:
+    """The policy checkpoint and how Megatron holds it (architecture comes from its config.json)."""
+
+    path: str = ""
+    """Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding multiple (times the tensor-parallel size)."""
+    params_dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is required: a Hugging Face checkpoint directory "
+                              "(`erc-megatron make-demo-model --out DIR` creates the CPU demo's)")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation on the rollout servers (SGLang, or the embedded CPU server)."""
+
+    server_urls: list[str] = field(default_factory=list)
+    """SGLang server or router URLs; empty starts the embedded server on this node."""
+    n_samples_per_prompt: int = 8
+    """Responses per prompt (the DAPO/GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (also divides the learner's logits)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables."""
+    max_response_length: int = 16
+    """max_new_tokens per response."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings."""
+    request_timeout_s: float = 600.0
+    """Per-request HTTP timeout."""
+    max_retries: int = 3
+    """Retries on connection errors / 5xx, with exponential backoff."""
+    startup_timeout_s: float = 300.0
+    """How long to wait for servers to become healthy."""
+    weight_sync_bucket_mb: int = 512
+    """Bucket size of the weight sync broadcast."""
+    dynamic_sampling: bool = True
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill."""
+    max_extra_rounds: int = 3
+    """Cap on extra generation rounds to refill the batch."""
+    overlong_buffer: int = 0
+    """Soft overlong punishment L_cache (tokens); 0 disables; L_max is max_response_length."""
+    embedded_seed: int = 0
+    """Sampling seed of the embedded server."""
+    embedded_threads: int = 1
+    """CPU threads of the embedded server (the learner ranks share the cores)."""
+
+    def __post_init__(self) -> None:
+        if self.n_samples_per_prompt < 1:
+            raise ConfigError(f"rollout.n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
+        if self.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0 for RL (the learner divides logits by it), "
+                              f"got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_response_length < 1:
+            raise ConfigError(f"rollout.max_response_length must be >= 1, got {self.max_response_length}")
+        if not 0 <= self.overlong_buffer <= self.max_response_length:
+            raise ConfigError(f"rollout.overlong_buffer must be in [0, max_response_length="
+                              f"{self.max_response_length}], got {self.overlong_buffer}")
+        if self.weight_sync_bucket_mb < 1:
+            raise ConfigError(f"rollout.weight_sync_bucket_mb must be >= 1, got {self.weight_sync_bucket_mb}")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out accuracy: mean over k samples per prompt."""
+
+    every_steps: int = 5
+    """Validate every N steps (and before the first); 0 disables."""
+    n_samples: int = 4
+    """k samples per prompt (avg@k)."""
+    temperature: float = 0.6
+    """Validation sampling temperature."""
+    top_p: float = 0.95
+    """Validation nucleus sampling."""
+    max_prompts: int | None = None
+    """Use only the first N validation prompts."""
+    max_response_length: int | None = None
+    """Defaults to rollout.max_response_length."""
+
+
+@dataclass
+class TrainerConfig:
+    """The RL loop."""
+
+    run_dir: str = "runs/erc"
+    """Metrics (JSONL, TensorBoard), plots and checkpoints go here."""
+    steps: int = 100
+    """Rollout steps."""
+    prompts_per_step: int = 128
+    """Prompts per rollout step (before the n samples)."""
+    prompts_per_minibatch: int = 16
+    """Prompts per optimizer step; prompts_per_step / prompts_per_minibatch updates per rollout step."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch on each data-parallel rank."""
+    nll_coef: float = 0.0
+    """Positive-sample NLL coefficient (Klear-Reasoner; the ERC recipes use 0.1)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in run_dir if there is one."""
+    seed: int = 1234
+    """Data order and sampling seed."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "prompts_per_minibatch", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.prompts_per_minibatch:
+            raise ConfigError(f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                              f"trainer.prompts_per_minibatch ({self.prompts_per_minibatch})")
+        if self.nll_coef < 0 or self.save_every < 0:
+            raise ConfigError("trainer.nll_coef and trainer.save_every must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs."""
+
+    model: ModelSection = field(default_factory=lambda: ModelSection(path="<unset>"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.path == "<unset>":
+            raise ConfigError("model.path is required: a Hugging Face checkpoint directory")
+        if self.data.train_path is None:
+            raise ConfigError("data.train_path is required (JSONL or Parquet)")
+        # the learner must see the distribution the rollout engine sampled from
+        self.logits.temperature = self.rollout.temperature

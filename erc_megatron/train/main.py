@@ -1,0 +1,206 @@
+"""`erc-megatron train --config examples/<recipe>.yaml [section.key=value ...]` (under torchrun/srun).
+
+One RL step reads like the algorithm:
+    rollout (rank 0, over SGLang's HTTP API) -> rewards -> group advantages with dynamic sampling
+    -> broadcast to every rank -> old-policy pass (old_logp, H_old) -> mini-batch updates with ERC
+    -> weight sync to the rollout servers -> metrics / validation / checkpoint.
+Rank 0 drives the rollout servers; when `rollout.server_urls` is empty it starts the embedded CPU
+server itself (same protocol as SGLang, same code path).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("erc_megatron.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.steps=10")
+
+
+def _say(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[erc-megatron] {msg}", flush=True)
+
+
+def _broadcast(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
+    import math
+
+    out: dict[str, float] = {}
+    for key in per_update[0] if per_update else []:
+        vals = [m[key] for m in per_update if isinstance(m.get(key), float) and math.isfinite(m[key])]
+        if key.endswith("_max"):
+            out[key] = max(vals) if vals else float("nan")
+        elif key.endswith("_min"):
+            out[key] = min(vals) if vals else float("nan")
+        elif key in ("pg/tokens", "pg/seqs", "skipped", "updated"):
+            out[key] = float(sum(vals))
+        else:
+            out[key] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def train(cfg) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from erc_megatron.data.prompts import PromptIterator, load_prompt_dataset
+    from erc_megatron.dist import init_distributed
+    from erc_megatron.model.config import ModelConfig
+    from erc_megatron.reward.registry import load_reward_fn
+    from erc_megatron.rollout.collect import collect_step, validate
+    from erc_megatron.sync.weight_sync import WeightSync, start_rollout_servers
+    from erc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from erc_megatron.train.learner import build_learner
+    from erc_megatron.train.metrics_log import MetricsLogger, progress_line
+    from erc_megatron.train.minibatch import split_minibatches, step_seq_length
+    from erc_megatron.train.step import old_policy_pass
+    from erc_megatron.train.update import minibatch_denominators, update_policy
+    from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
+
+    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    model_cfg = ModelConfig.from_hf_config(hf_config, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                                           params_dtype=cfg.model.params_dtype)
+    init_distributed(cfg.parallel, model_cfg)
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
+    learner = build_learner(model_cfg, cfg.optim)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    run_dir = cfg.trainer.run_dir
+
+    start_step, weight_version, data_state = 0, 0, None
+    ckpt = latest_checkpoint(run_dir) if cfg.trainer.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, learner)
+        start_step, weight_version, data_state = state["step"], state["weight_version"], state["data"]
+        _say(f"resumed from {ckpt} at step {start_step}")
+    else:
+        load_hf_checkpoint(learner.unwrapped, cfg.model.path, model_cfg)
+        # bf16/fp16: the optimizer keeps fp32 master copies made before the load
+        learner.optimizer.reload_model_params()
+
+    servers = client = iterator = val_set = reward_fn = logger = None
+    if rank == 0:
+        train_set = load_prompt_dataset(cfg.data.train_path, cfg.data, tokenizer)
+        val_set = load_prompt_dataset(cfg.data.val_path, cfg.data, tokenizer) if cfg.data.val_path else None
+        iterator = PromptIterator(train_set, shuffle=cfg.data.shuffle, seed=cfg.trainer.seed)
+        if data_state:
+            iterator.load_state_dict(data_state)
+        reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.kwargs)
+        logger = MetricsLogger(run_dir)
+        logger.truncate_after(start_step)
+        servers, client = start_rollout_servers(cfg, log_dir=run_dir)
+        _say(f"{len(train_set)} train prompts, {len(val_set) if val_set else 0} validation prompts; "
+             f"rollout servers {client.urls}")
+    try:
+        sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20)
+        # the servers load model.path; after a resume they must get the learner's weights first
+        if ckpt is not None:
+            sync.sync(weight_version)
+        tp, dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
+        _say(f"training: tp={tp} pp={ps.get_pipeline_model_parallel_world_size()} dp={dp}, steps "
+             f"{start_step}..{cfg.trainer.steps}")
+        every = cfg.validation.every_steps
+        final: dict = {}
+        for step in range(start_step, cfg.trainer.steps):
+            metrics: dict[str, float] = {}
+            if rank == 0 and val_set is not None and every and step % every == 0:
+                metrics.update(validate(client, val_set, cfg, reward_fn))
+            groups, rollout_metrics = collect_step(client, iterator, cfg, reward_fn, step) if rank == 0 else (None, None)
+            groups, rollout_metrics = _broadcast((groups, rollout_metrics))
+            metrics.update(rollout_metrics)
+            if not groups:
+                _say(f"step {step + 1}: no informative groups (all rewards equal in every group); skipping update")
+                continue
+
+            t0 = time.perf_counter()
+            seq_len = step_seq_length(groups)
+            minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, ps.get_data_parallel_rank(),
+                                            dp, cfg.trainer.micro_batch_size, pad_id, seq_len)
+            flat = [mb for m in minibatches for mb in m.mine]
+            with_old = old_policy_pass(learner.model, flat, model_cfg.vocab_size, cfg.logits)
+            i = 0
+            for m in minibatches:
+                m.mine = with_old[i:i + len(m.mine)]
+                i += len(m.mine)
+            metrics["time/old_policy"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            updates = []
+            for m in minibatches:
+                den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
+                updates.append(update_policy(learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef))
+            metrics.update(_mean_metrics(updates))
+            metrics["time/update"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            weight_version += 1
+            sync.sync(weight_version)
+            metrics["time/weight_sync"] = time.perf_counter() - t0
+            metrics["weight_version"] = float(weight_version)
+
+            done = step + 1
+            if rank == 0:
+                logger.log(done, metrics)
+                print(progress_line(done, cfg.trainer.steps, metrics), flush=True)
+            if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:
+                state = {"weight_version": weight_version, "data": iterator.state_dict() if rank == 0 else None}
+                save_checkpoint(run_dir, done, learner, state)
+            final = metrics
+        if rank == 0 and val_set is not None and every:
+            val = validate(client, val_set, cfg, reward_fn)
+            logger.log(cfg.trainer.steps, {**val, "final": 1.0})
+            final = {**final, **val}
+            _say(f"final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+        if rank == 0:
+            from erc_megatron.train.plot import plot_run
+
+            _say(f"plot: {plot_run(run_dir)}")
+        sync.close()
+        return final
+    finally:
+        if rank == 0:
+            if logger is not None:
+                logger.close()
+            if servers is not None:
+                servers.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from erc_megatron.train.config import RunConfig
+    from erc_megatron.utils import config_tree
+
+    logging.basicConfig(level=os.environ.get("ERC_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = config_tree.load(RunConfig, args.config, args.overrides)
+    from erc_megatron.dist import shutdown_distributed
+
+    try:
+        train(cfg)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,117 @@
+"""One policy update (an optimizer step over a mini-batch) with ERC, on megatron's schedule.
+
+Per step, the collectives this module adds are exactly two: the step statistics packed into one
+all_reduce(SUM) and one all_reduce(MAX) over the whole world. Only the ranks holding the loss (last
+pipeline stage, tensor-parallel rank 0: one per data-parallel replica) contribute values, the others
+add identities, so the result equals the data-parallel reduction on the last stage while every rank
+learns it, including the "non-finite loss or entropy" flag that decides, identically everywhere,
+whether the optimizer steps. The token-mean denominators come from the caller, computed once per
+mini-batch from masks every rank already holds (`minibatch_denominators`), so they cost nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from erc_megatron.algo import (PolicyLossConfig, StepStats, aggregation_denominator, policy_loss,
+                               positive_nll_denominator, positive_nll_loss, reduce_step_metrics)
+from erc_megatron.train.batch import MicroBatch
+from erc_megatron.train.step import LogitsConfig, forward_backward, optimizer_step, token_logprob_entropy, zero_grads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """Global normalisers of one mini-batch (all micro-batches of all data-parallel ranks)."""
+
+    policy: float
+    nll: float
+    max_reward: float | None = None
+
+
+def minibatch_denominators(all_micro_batches: list[MicroBatch], agg: str, with_nll: bool) -> Denominators:
+    """From the WHOLE mini-batch (every data-parallel rank's micro-batches): no collective needed."""
+    policy = sum(float(aggregation_denominator(mb.loss_mask, agg)) for mb in all_micro_batches)
+    if not with_nll:
+        return Denominators(policy, 0.0)
+    rewards = torch.cat([mb.rewards for mb in all_micro_batches])
+    best = float(rewards.max())
+    nll = sum(float(positive_nll_denominator(mb.loss_mask, mb.rewards, best)) for mb in all_micro_batches)
+    return Denominators(policy, nll, best)
+
+
+def _loss_holder() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _identity_metrics(loss_cfg: PolicyLossConfig, with_nll: bool) -> list[dict]:
+    """The same metric names a real micro-batch yields, with values that change no reduction."""
+    z = torch.zeros(1, 1, dtype=torch.float32)
+    out = [policy_loss(z, z, z, z, entropy=z, old_entropy=z if loss_cfg.erc else None, config=loss_cfg,
+                       rollout_log_prob=z if loss_cfg.tis_cap > 0 else None, global_denominator=1.0)[1]]
+    if with_nll:
+        out.append(positive_nll_loss(z, z, torch.zeros(1), 1.0, global_denominator=1.0)[1])
+    return out
+
+
+def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denominators, loss_cfg: PolicyLossConfig,
+                  logits_cfg: LogitsConfig, nll_coef: float = 0.0, extra_metrics: dict[str, float] | None = None
+                  ) -> dict[str, float]:
+    """Forward+backward over this rank's micro-batches, one optimizer step (skipped if any rank saw a
+    non-finite loss or entropy), and the step's global statistics (identical on every rank)."""
+    vocab = learner.model_config.vocab_size
+    with_nll = nll_coef > 0
+
+    def loss_fn(logits: torch.Tensor, mb: MicroBatch):
+        logp, entropy = token_logprob_entropy(logits, mb.labels, vocab, logits_cfg,
+                                              entropy_grad=loss_cfg.entropy_coef > 0)
+        loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, entropy=entropy,
+                                    old_entropy=mb.old_entropy, config=loss_cfg, rollout_log_prob=mb.rollout_logp,
+                                    global_denominator=denominators.policy)
+        out = [metrics]
+        if with_nll:
+            nll, nll_metrics = positive_nll_loss(logp, mb.loss_mask, mb.rewards, denominators.max_reward,
+                                                 global_denominator=denominators.nll)
+            loss = loss + nll_coef * nll
+            out.append(nll_metrics)
+        return loss, {"metrics": out}
+
+    zero_grads(learner)
+    outputs = forward_backward(learner.model, micro_batches, loss_fn)
+
+    stats = StepStats()
+    holder = _loss_holder()
+    per_mb = [o["metrics"] for o in outputs] if holder else []
+    for metric_list in per_mb or [_identity_metrics(loss_cfg, with_nll)]:
+        for m in metric_list:
+            stats.add(m)
+    nonfinite = 0.0
+    if holder:
+        for metric_list in per_mb:
+            for m in metric_list:
+                for key in ("loss", "pg_loss_sum", "entropy_sum", "old_entropy_sum", "pos_nll_sum"):
+                    if key in m and not math.isfinite(float(m[key])):
+                        nonfinite = 1.0
+    stats.add_scalar("nonfinite", nonfinite, "max")
+    for name, value in (extra_metrics or {}).items():
+        stats.add_scalar(name, value, "max")  # already global (every rank holds the same value)
+    group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    metrics = reduce_step_metrics(stats, group)
+
+    skip = metrics.pop("nonfinite", 0.0) > 0
+    if skip:
+        log.warning("step skipped: non-finite loss or entropy on some rank; weights left untouched")
+    lr = learner.optimizer.param_groups[0]["lr"]
+    updated, grad_norm = optimizer_step(learner, skip=skip)
+    if updated and not math.isfinite(grad_norm):
+        log.warning("gradient norm is %s", grad_norm)
+    metrics.update(grad_norm=grad_norm, updated=float(updated), skipped=float(skip),
+                   lr=lr)
+    return metrics
