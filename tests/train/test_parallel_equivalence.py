@@ -5,6 +5,7 @@ This also checks the global token-mean: the same tokens are split over 1, 2 and 
 ranks and over different numbers of micro-batches per rank.
 """
 import math
+import os
 
 import torch
 
@@ -71,13 +72,16 @@ def _worker(rank, world_size, seed):
     cfg = _model_cfg()
     full = _full_state(cfg, seed)
     groups = _rollout(seed)
-    loss_cfg = PolicyLossConfig(surrogate="ppo_clip", erc=True, erc_low=0.95, erc_high=1.05, eps_low=0.2,
+    loss_cfg = PolicyLossConfig(surrogate="ppo_clip", erc=True, erc_low=0.995, erc_high=1.005, eps_low=0.2,
                                 eps_high=0.28, clip_ratio_c=3.0, agg="token-mean")
     logits_cfg = LogitsConfig(temperature=0.9)
     results = {}
     for tp, pp in LAYOUTS:
         init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7), cfg)
-        learner = build_learner(cfg, OptimConfig(lr=2e-2, weight_decay=0.0, clip_grad=1.0))
+        # adam_eps well above the gradients' rounding noise: with 1e-8 Adam turns last-bit
+        # differences of near-zero gradient entries into +-lr updates (sign amplification), which
+        # would compare the optimizer's chaos, not the layouts
+        learner = build_learner(cfg, OptimConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-4))
         local = shard_for_rank(full, cfg, ps.get_tensor_model_parallel_rank(), tp,
                                ps.get_pipeline_model_parallel_rank(), pp)
         missing, unexpected = learner.unwrapped.load_state_dict(local, strict=False)
@@ -100,7 +104,7 @@ def _worker(rank, world_size, seed):
 
 
 def test_tp2pp2_tp2pp1_tp1pp1_same_erc_training():
-    seed = int(torch.randint(0, 10_000, (1,)))
+    seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
     per_rank = run_distributed(_worker, 4, args=(seed,))
     ref = per_rank[0][(1, 1)]
     assert len(ref) == 3
