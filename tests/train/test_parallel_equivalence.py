@@ -58,7 +58,10 @@ def _rollout(seed, n_seqs=24, vocab=50):
 
 
 def _worker(rank, world_size, seed):
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from erc_megatron.comm import record_collectives
 
     from erc_megatron.algo import PolicyLossConfig
     from erc_megatron.dist import init_distributed
@@ -96,7 +99,17 @@ def _worker(rank, world_size, seed):
             mine = flat[i:i + len(m.mine)]
             i += len(m.mine)
             den = minibatch_denominators(m.everyone, loss_cfg.agg, with_nll=True)
-            steps.append(update_policy(learner, mine, den, loss_cfg, logits_cfg, nll_coef=0.1))
+            with record_collectives() as rec:
+                metrics = update_policy(learner, mine, den, loss_cfg, logits_cfg, nll_coef=0.1)
+            # statistics: one SUM + one MAX over the world per optimizer step, never per micro-batch
+            metrics["world_all_reduces"] = float(rec.count("all_reduce", group=dist.group.WORLD))
+            # the log-prob/entropy op: one all-gather per micro-batch forward on the last stage
+            if tp > 1 and ps.is_pipeline_last_stage():
+                tp_group = ps.get_tensor_model_parallel_group()
+                metrics["tp_all_gathers"] = float(sum(rec.count(op, group=tp_group) for op in
+                                                      ("all_gather", "all_gather_into_tensor", "all_gather_single")))
+                metrics["micro_batches"] = float(len(mine))
+            steps.append(metrics)
         results[(tp, pp)] = steps
         del learner
         ps.destroy_model_parallel()
@@ -114,6 +127,11 @@ def test_tp2pp2_tp2pp1_tp1pp1_same_erc_training():
     assert any(s["erc/in_band_frac"] < 1.0 for s in ref[1:]), ref
     assert all(s["updated"] == 1.0 for s in ref)
     for rank_results in per_rank:
+        for layout in LAYOUTS:
+            for got in rank_results[layout]:
+                assert got["world_all_reduces"] == 2.0, (layout, got["world_all_reduces"])
+                if "tp_all_gathers" in got:
+                    assert got["tp_all_gathers"] == got["micro_batches"], (layout, got)
         for layout in LAYOUTS:
             for step, (got, want) in enumerate(zip(rank_results[layout], ref)):
                 for k in keys:
