@@ -1,10 +1,12 @@
 """Learner -> rollout servers weight sync over SGLang's own weight-update API.
 
-Set-up (once, lazily): rank 0 picks a free port, creates its end of a process group named
-`weight_update_group` exactly as SGLang's server side does (erc_megatron.patches.custom_process_group)
-while POSTing /init_weights_update_group to every server concurrently (both sides block in the
-rendezvous). World size = 1 + the GPUs of all servers; each server's rank_offset = 1 + the GPUs of
-the servers before it.
+Set-up (once, lazily, and again after a failed attempt): rank 0 asks every server to drop a group
+of the same name left over from an earlier learner process (a restart or resume), picks a free
+port, creates its end of a process group named `weight_update_group` exactly as SGLang's server
+side does (erc_megatron.patches.custom_process_group) while POSTing /init_weights_update_group to
+every server concurrently (both sides block in the rendezvous; a server that refuses fails the
+attempt at once with its own message). World size = 1 + the GPUs of all servers; each server's
+rank_offset = 1 + the GPUs of the servers before it.
 
 Each sync (collective over every learner rank):
     rank 0: POST /pause_generation, /flush_cache
@@ -15,15 +17,18 @@ Each sync (collective over every learner rank):
         from group rank 0, check every answer; `weight_version` goes with the last bucket only,
         so a server reports the new version only once it has every tensor
     rank 0: POST /continue_generation
-    all ranks: one tiny broadcast of the outcome; a failed attempt (any server error) is redone as
-        a whole, up to `max_attempts`, so an update is never left half-applied.
+    all ranks: one tiny broadcast of the outcome (with the error and the server URLs); a failed
+        attempt (any server error) is redone as a whole, up to `max_attempts`, so an update is
+        never left half-applied; then every rank raises the same RuntimeError.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import socket
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 
 import torch
 import torch.distributed as dist
@@ -44,6 +49,20 @@ def _local_address(urls: list[str]) -> str:
     if hosts <= {"127.0.0.1", "localhost", "::1"}:
         return "127.0.0.1"
     return socket.gethostbyname(socket.gethostname())
+
+
+def _in_daemon_thread(fn, *args, **kwargs) -> Future:
+    """fn(*args, **kwargs) in a daemon thread, which cannot delay interpreter exit if left blocked."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="weight-update-join", daemon=True).start()
+    return future
 
 
 class RolloutServers:
@@ -94,6 +113,12 @@ class WeightSync:
 
     def __init__(self, learner, model_cfg, client, bucket_bytes: int, group_name: str = "weight_update_group",
                  max_attempts: int = 3, dtype: torch.dtype | None = None, timeout_s: float = 300.0):
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.learner, self.model_cfg, self.client = learner, model_cfg, client
         self.bucket_bytes, self.group_name, self.max_attempts, self.dtype = bucket_bytes, group_name, max_attempts, dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -109,18 +134,33 @@ class WeightSync:
 
     def _connect(self) -> None:
         from erc_megatron.patches.custom_process_group import init_custom_process_group
+        from erc_megatron.rollout.client import SGLangError
 
         gpus = self._server_gpus()
         world = 1 + sum(gpus)
         addr, port = _local_address(self.client.urls), _free_port()
+        # A server still holding this group (its learner died, or this one was restarted) refuses a
+        # new one of the same name: clear it first; "does not exist" is the normal answer.
+        for url in self.client.urls:
+            try:
+                self.client.destroy_weights_update_group(url, self.group_name)
+            except SGLangError:
+                pass
         futures = []
         offset = 1
         for url, n in zip(self.client.urls, gpus):
             futures.append(self.client.submit(self.client.init_weights_update_group, url, addr, port, offset, world,
                                               self.group_name, self.backend))
             offset += n
-        self.group = init_custom_process_group(self.backend, f"tcp://{addr}:{port}", world, 0, self.group_name,
-                                               timeout=datetime.timedelta(seconds=self.timeout_s))
+        # Join from a thread so that a server refusing to join fails this attempt at once with its own
+        # message, instead of after timeout_s in the rendezvous (which that thread then waits out).
+        joined = _in_daemon_thread(init_custom_process_group, self.backend, f"tcp://{addr}:{port}", world, 0,
+                                   self.group_name, timeout=datetime.timedelta(seconds=self.timeout_s))
+        wait([joined, *futures], return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        self.group = joined.result()
         for f in futures:
             f.result()
         log.info("weight update group %s: %d servers, world %d via %s:%d", self.group_name, len(gpus), world, addr, port)
@@ -172,13 +212,16 @@ class WeightSync:
         return ok, error
 
     def sync(self, version: int) -> None:
+        error, urls = "", []
         for attempt in range(1, self.max_attempts + 1):
             t0 = time.perf_counter()
             ok, error = self._attempt(version)
-            flag = torch.tensor([1.0 if ok else 0.0])
+            # rank 0 alone talks to the servers: every rank learns the outcome, the cause and the servers
+            outcome = [(ok, error, list(getattr(self.client, "urls", [])))]
             if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.broadcast(flag, src=0)
-            if flag.item() == 1.0:
+                dist.broadcast_object_list(outcome, src=0)
+            ok, error, urls = outcome[0]
+            if ok:
                 if self.rank == 0:
                     log.info("weight sync v%d: %.1f MB in %.2fs", version, self.last_bytes / 2**20,
                              time.perf_counter() - t0)
@@ -188,8 +231,9 @@ class WeightSync:
                 print(f"[erc-megatron] weight sync v{version} attempt {attempt}/{self.max_attempts} failed: {error}",
                       flush=True)
                 self._reset_group()
-        raise RuntimeError(f"weight sync to {getattr(self.client, 'urls', '?')} failed {self.max_attempts} times; "
-                           "the rollout servers may hold partial weights (their weight_version was not bumped)")
+        raise RuntimeError(f"weight sync v{version} to rollout servers {urls} failed {self.max_attempts} times; "
+                           f"last error: {error}. The servers may hold partial weights (their weight_version "
+                           "was not bumped)")
 
     def _reset_group(self) -> None:
         """After a failure the group may be broken: tear it down on both sides, rebuild next attempt."""
