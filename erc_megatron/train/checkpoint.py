@@ -67,19 +67,48 @@ def save_checkpoint(run_dir: str | Path, step: int, learner, trainer_state: dict
         tmp = root / ".latest.tmp"
         tmp.write_text(folder.name)
         os.replace(tmp, root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[:-keep] if keep > 0 else []:
+        for old in _prunable(root, step, keep):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return folder
 
 
+def _step_of(folder: Path) -> int | None:
+    try:
+        return int(folder.name.removeprefix("step_"))
+    except ValueError:
+        return None
+
+
+def _prunable(root: Path, step: int, keep: int) -> list[Path]:
+    """Folders to delete once `step` is the newest complete checkpoint: all but the `keep` newest up to
+    it, and any of a LATER step (left half-written by a run killed mid-save; nothing points at them).
+    By step number, not by name, so the checkpoint just written is never among them."""
+    if keep <= 0:
+        return []
+    folders = {n: p for p in root.glob("step_*") if p.is_dir() and (n := _step_of(p)) is not None}
+    older = sorted(n for n in folders if n < step)
+    kept = set(older[max(0, len(older) - (keep - 1)):])
+    return [p for n, p in folders.items() if n > step or (n < step and n not in kept)]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run, or None if it has none yet.
+
+    Only `latest` is trusted: it is written after every rank's files are in place, so folders
+    left half-written by a killed save are never picked. A `latest` naming an incomplete folder
+    means someone removed files: that is refused rather than silently restarting from step 0,
+    which would overwrite the run's metrics.
+    """
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
     folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / "trainer.json").exists() else None
+    if not (folder / "trainer.json").exists():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which has no trainer.json (incomplete or "
+                                f"deleted); point it at a complete step_* folder, or use trainer.resume=false "
+                                f"with a fresh trainer.run_dir")
+    return folder
 
 
 def load_checkpoint(folder: Path, learner) -> dict:
@@ -95,6 +124,9 @@ def load_checkpoint(folder: Path, learner) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     learner.model.load_state_dict(payload["model"])
     learner.optimizer.load_state_dict(payload["optimizer"])
+    # megatron's scheduler load steps the schedule forward BY the saved count (it assumes a fresh
+    # scheduler): from zero, loading into a learner that already stepped lands on the saved step too
+    learner.scheduler.num_steps = 0
     learner.scheduler.load_state_dict(payload["scheduler"])
     _set_rng_state(payload["rng"])
     return trainer_state

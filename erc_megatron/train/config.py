@@ -27,6 +27,11 @@ class ModelSection:
     """float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
+        dtypes = ("float32", "bfloat16", "float16")
+        if self.params_dtype not in dtypes:
+            raise ConfigError(f"model.params_dtype must be one of {dtypes}, got {self.params_dtype!r}")
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError(f"model.make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
         if not self.path:
             raise ConfigError("model.path is required: a Hugging Face checkpoint directory "
                               "(`erc-megatron make-demo-model --out DIR` creates the CPU demo's)")
@@ -134,8 +139,9 @@ class TrainerConfig:
         if self.prompts_per_step % self.prompts_per_minibatch:
             raise ConfigError(f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                               f"trainer.prompts_per_minibatch ({self.prompts_per_minibatch})")
-        if self.nll_coef < 0 or self.save_every < 0:
-            raise ConfigError("trainer.nll_coef and trainer.save_every must be >= 0")
+        for name in ("nll_coef", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

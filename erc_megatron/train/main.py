@@ -39,6 +39,27 @@ def _broadcast(obj):
     return box[0]
 
 
+def _on_rank0(fn):
+    """Run `fn` on rank 0 and hand its result to every rank.
+
+    If it raises (a rollout server died, a reward function failed), every rank raises with rank 0's
+    message: otherwise the others would sit in the broadcast until rank 0's exit closes the
+    connections, and the launcher would report their "connection closed" as the root cause.
+    """
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error = exc
+    result, message = _broadcast((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed, stopping: {message}")
+    return result
+
+
 def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
     import math
 
@@ -97,19 +118,22 @@ def train(cfg) -> dict:
         learner.optimizer.reload_model_params()
 
     servers = client = iterator = val_set = reward_fn = logger = None
-    if rank == 0:
+
+    def setup_rank0() -> None:
+        nonlocal servers, client, iterator, val_set, reward_fn, logger
         train_set = load_prompt_dataset(cfg.data.train_path, cfg.data, tokenizer)
         val_set = load_prompt_dataset(cfg.data.val_path, cfg.data, tokenizer) if cfg.data.val_path else None
         iterator = PromptIterator(train_set, shuffle=cfg.data.shuffle, seed=cfg.trainer.seed)
         if data_state:
             iterator.load_state_dict(data_state)
         reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.kwargs)
-        logger = MetricsLogger(run_dir)
-        logger.truncate_after(start_step)
+        logger = MetricsLogger(run_dir, resume_step=start_step)
         servers, client = start_rollout_servers(cfg, log_dir=run_dir)
         _say(f"{len(train_set)} train prompts, {len(val_set) if val_set else 0} validation prompts; "
              f"rollout servers {client.urls}")
+
     try:
+        _on_rank0(setup_rank0)
         sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20)
         # the servers load model.path; after a resume they must get the learner's weights first
         if ckpt is not None:
@@ -118,18 +142,9 @@ def train(cfg) -> dict:
         _say(f"training: tp={tp} pp={ps.get_pipeline_model_parallel_world_size()} dp={dp}, steps "
              f"{start_step}..{cfg.trainer.steps}")
         every = cfg.validation.every_steps
-        final: dict = {}
-        for step in range(start_step, cfg.trainer.steps):
-            metrics: dict[str, float] = {}
-            if rank == 0 and val_set is not None and every and step % every == 0:
-                metrics.update(validate(client, val_set, cfg, reward_fn))
-            groups, rollout_metrics = collect_step(client, iterator, cfg, reward_fn, step) if rank == 0 else (None, None)
-            groups, rollout_metrics = _broadcast((groups, rollout_metrics))
-            metrics.update(rollout_metrics)
-            if not groups:
-                _say(f"step {step + 1}: no informative groups (all rewards equal in every group); skipping update")
-                continue
 
+        def learn(groups, metrics: dict[str, float], weight_version: int) -> int:
+            """Old-policy pass -> mini-batch updates -> weight sync; adds their metrics, returns the new version."""
             t0 = time.perf_counter()
             seq_len = step_seq_length(groups)
             minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, ps.get_data_parallel_rank(),
@@ -155,8 +170,25 @@ def train(cfg) -> dict:
             sync.sync(weight_version)
             metrics["time/weight_sync"] = time.perf_counter() - t0
             metrics["weight_version"] = float(weight_version)
+            return weight_version
 
+        final: dict = {}
+        for step in range(start_step, cfg.trainer.steps):
+
+            def rollout_on_rank0():
+                out: dict[str, float] = {}
+                if val_set is not None and every and step % every == 0:
+                    out.update(validate(client, val_set, cfg, reward_fn))
+                groups, rollout_metrics = collect_step(client, iterator, cfg, reward_fn, step)
+                return groups, {**out, **rollout_metrics}
+
+            groups, metrics = _on_rank0(rollout_on_rank0)
             done = step + 1
+            if groups:
+                weight_version = learn(groups, metrics, weight_version)
+            else:
+                # still logged and checkpointed: the step consumed its prompts
+                _say(f"step {done}: no informative groups (all rewards equal in every group); skipping update")
             if rank == 0:
                 logger.log(done, metrics)
                 print(progress_line(done, cfg.trainer.steps, metrics), flush=True)
@@ -195,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(cfg)
+    except Exception as exc:
+        # one line to look for under the launcher's per-rank tracebacks
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[erc-megatron] training failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        raise
     finally:
         shutdown_distributed()
     return 0

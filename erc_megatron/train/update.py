@@ -45,6 +45,11 @@ def minibatch_denominators(all_micro_batches: list[MicroBatch], agg: str, with_n
     return Denominators(policy, nll, best)
 
 
+# which per-micro-batch metrics, if not finite, make every rank skip the optimizer step
+_NONFINITE_CHECKS = {"nonfinite_loss": ("loss", "pg_loss_sum", "pos_nll_sum"),
+                     "nonfinite_entropy": ("entropy_sum", "old_entropy_sum")}
+
+
 def _loss_holder() -> bool:
     from megatron.core import parallel_state
 
@@ -92,22 +97,26 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
     for metric_list in per_mb or [_identity_metrics(loss_cfg, with_nll)]:
         for m in metric_list:
             stats.add(m)
-    nonfinite = 0.0
+    # two flags, so the skip names its cause; they ride in the same all_reduce(MAX) as the stats
+    flags = dict.fromkeys(_NONFINITE_CHECKS, 0.0)
     if holder:
         for metric_list in per_mb:
             for m in metric_list:
-                for key in ("loss", "pg_loss_sum", "entropy_sum", "old_entropy_sum", "pos_nll_sum"):
-                    if key in m and not math.isfinite(float(m[key])):
-                        nonfinite = 1.0
-    stats.add_scalar("nonfinite", nonfinite, "max")
+                for flag, keys in _NONFINITE_CHECKS.items():
+                    if any(key in m and not math.isfinite(float(m[key])) for key in keys):
+                        flags[flag] = 1.0
+    for flag, value in flags.items():
+        stats.add_scalar(flag, value, "max")
     for name, value in (extra_metrics or {}).items():
         stats.add_scalar(name, value, "max")  # already global (every rank holds the same value)
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
     metrics = reduce_step_metrics(stats, group)
 
-    skip = metrics.pop("nonfinite", 0.0) > 0
+    causes = [flag.removeprefix("nonfinite_") for flag in _NONFINITE_CHECKS if metrics.pop(flag, 0.0) > 0]
+    skip = bool(causes)
     if skip:
-        log.warning("step skipped: non-finite loss or entropy on some rank; weights left untouched")
+        log.warning("optimizer step skipped: non-finite %s on some rank; weights, optimizer state and LR "
+                    "schedule left untouched", " and ".join(causes))
     lr = learner.optimizer.param_groups[0]["lr"]
     updated, grad_norm = optimizer_step(learner, skip=skip)
     if updated and not math.isfinite(grad_norm):

@@ -93,7 +93,12 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
+    except ConfigError as exc:
+        # sections reused from library dataclasses name themselves by class (PolicyLossConfig.x):
+        # say it the way the user wrote it (loss.x)
+        prefix = f"{cls.__name__}."
+        if where and prefix in str(exc):
+            raise ConfigError(str(exc).replace(prefix, f"{where}.")) from exc
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
