@@ -221,6 +221,10 @@ def test_concurrent_requests_share_forward_steps(server, tiny):
     assert engine.steps - steps < 40, engine.steps - steps
 
 
+_LONG = 3000  # decoding takes long enough that a pause always lands mid-request
+_UNFINISHABLE = 4000  # near the tiny model's 4096-token context: seconds of decoding, even on an idle machine
+
+
 def _long_request(server, results, key, rid=None, max_new_tokens=800):
     body = {"input_ids": PROMPTS[3], "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
                                                           "ignore_eos": True}}
@@ -236,10 +240,10 @@ def _long_request(server, results, key, rid=None, max_new_tokens=800):
 def test_pause_modes_abort_and_flush(server):
     engine = server.rollout.engine
     results = {}
-    reference = post(server, {"input_ids": PROMPTS[3], "sampling_params": {"temperature": 0, "max_new_tokens": 800,
+    reference = post(server, {"input_ids": PROMPTS[3], "sampling_params": {"temperature": 0, "max_new_tokens": _LONG,
                                                                            "ignore_eos": True}})
     # in_place: no step runs while paused; the request then finishes with the same tokens.
-    thread = _long_request(server, results, "in_place")
+    thread = _long_request(server, results, "in_place", max_new_tokens=_LONG)
     post(server, {"mode": "in_place"}, "/pause_generation")
     steps = engine.steps
     assert post(server, {}, "/flush_cache", status=400)  # a request is still in flight
@@ -251,20 +255,21 @@ def test_pause_modes_abort_and_flush(server):
     assert results["in_place"]["output_ids"] == reference["output_ids"]
 
     # retract: KV cache dropped, request re-prefilled with its partial output on continue.
-    thread = _long_request(server, results, "retract")
+    thread = _long_request(server, results, "retract", max_new_tokens=_LONG)
     post(server, {"mode": "retract"}, "/pause_generation")
     assert not engine._rows and engine.num_requests() == 1
     post(server, {}, "/continue_generation")
     thread.join(60)
     assert results["retract"]["output_ids"] == reference["output_ids"]
-    assert results["retract"]["meta_info"]["finish_reason"] == {"type": "length", "length": 800}
+    assert results["retract"]["meta_info"]["finish_reason"] == {"type": "length", "length": _LONG}
 
-    # Default mode aborts what is in flight; requests sent while paused wait for continue.
-    thread = _long_request(server, results, "abort")
+    # Default mode aborts what is in flight; requests sent while paused wait for continue. The
+    # request is made too long to finish before the pause lands, however fast the machine is.
+    thread = _long_request(server, results, "abort", max_new_tokens=_UNFINISHABLE)
     assert post(server, {}, "/pause_generation")["status"] == "ok"
     thread.join(60)
     assert results["abort"]["meta_info"]["finish_reason"]["type"] == "abort"
-    assert len(results["abort"]["output_ids"]) < 800
+    assert len(results["abort"]["output_ids"]) < _UNFINISHABLE
     waiting = threading.Thread(target=lambda: results.__setitem__("late", post(
         server, {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}})))
     waiting.start()
@@ -275,7 +280,7 @@ def test_pause_modes_abort_and_flush(server):
     assert len(results["late"]["output_ids"]) == 3
 
     # /abort_request matches rid prefixes, like SGLang's scheduler.
-    thread = _long_request(server, results, "by_rid", rid="long-request-1")
+    thread = _long_request(server, results, "by_rid", rid="long-request-1", max_new_tokens=_UNFINISHABLE)
     post(server, {"rid": "long-request"}, "/abort_request")
     thread.join(60)
     assert results["by_rid"]["meta_info"]["finish_reason"]["type"] == "abort"
