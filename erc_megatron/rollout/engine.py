@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from . import kv_cache
+from erc_megatron.patches import transformers_kv_cache as kv_cache
 from .sampling import SamplingParams, logprob_vector, sample_token, top_logprobs
 
 log = logging.getLogger(__name__)
