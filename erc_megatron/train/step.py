@@ -26,6 +26,16 @@ class LogitsConfig:
     """Rollout temperature; logits are divided by it before anything else."""
     chunk_size: int | None = None
     """Rows per chunk in the log-prob/entropy op (bounds its extra memory)."""
+    fused_output_layer: bool = False
+    """Fuse the output layer into the op: the [tokens, V/tp] logits are never materialised."""
+
+    def __post_init__(self) -> None:
+        from erc_megatron.model.config import ConfigError
+
+        if self.temperature <= 0:
+            raise ConfigError(f"logits.temperature must be > 0, got {self.temperature}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"logits.chunk_size must be >= 1 or null, got {self.chunk_size}")
 
 
 def _tp_group():
@@ -36,11 +46,32 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def token_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, cfg: LogitsConfig,
-                          entropy_grad: bool = False):
+def prepare_output(model, cfg: LogitsConfig) -> None:
+    """With fused_output_layer, the last stage's model returns hidden states instead of logits."""
+    from megatron.core import parallel_state
+
+    if cfg.fused_output_layer and parallel_state.is_pipeline_last_stage():
+        from erc_megatron.patches.megatron_fused_output import install_fused_output
+        from erc_megatron.weights.rank_params import unwrap_model
+
+        install_fused_output(unwrap_model(model))
+
+
+def token_logprob_entropy(output: torch.Tensor, labels: torch.Tensor, vocab_size: int, cfg: LogitsConfig,
+                          entropy_grad: bool = False, model=None):
+    """Per-token log-prob and entropy from the last stage's output: vocab-parallel logits, or, with
+    fused_output_layer, hidden states multiplied chunk by chunk with the output weight shard."""
+    if cfg.fused_output_layer:
+        from erc_megatron.ops import fused_linear_logprob_entropy
+        from erc_megatron.patches.megatron_fused_output import output_weight
+        from erc_megatron.weights.rank_params import unwrap_model
+
+        return fused_linear_logprob_entropy(output, output_weight(unwrap_model(model)), labels, tp_group=_tp_group(),
+                                            temperature=cfg.temperature, chunk_size=cfg.chunk_size or 1024,
+                                            entropy_grad=entropy_grad, vocab_size=vocab_size)
     from erc_megatron.ops import vocab_parallel_logprob_entropy
 
-    return vocab_parallel_logprob_entropy(logits, labels, tp_group=_tp_group(), temperature=cfg.temperature,
+    return vocab_parallel_logprob_entropy(output, labels, tp_group=_tp_group(), temperature=cfg.temperature,
                                           chunk_size=cfg.chunk_size, entropy_grad=entropy_grad,
                                           vocab_size=vocab_size)
 
@@ -49,8 +80,8 @@ def _model_forward(mb: MicroBatch, model):
     return model(mb.tokens, mb.position_ids, attention_mask=None)
 
 
-def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, logits: torch.Tensor):
-    logp, entropy = token_logprob_entropy(logits, mb.labels, vocab_size, cfg)
+def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, model, logits: torch.Tensor):
+    logp, entropy = token_logprob_entropy(logits, mb.labels, vocab_size, cfg, model=model)
     return logits.new_zeros(()), {"logp": logp.detach() * mb.loss_mask, "entropy": entropy.detach() * mb.loss_mask}
 
 
@@ -80,8 +111,9 @@ def old_policy_pass(model, micro_batches: list[MicroBatch], vocab_size: int, cfg
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        return _model_forward(mb, model), partial(_forward_only_loss, mb, vocab_size, cfg)
+        return _model_forward(mb, model), partial(_forward_only_loss, mb, vocab_size, cfg, model)
 
+    prepare_output(model, cfg)
     model.eval()
     try:
         outputs = run_schedule(model, micro_batches, forward_step, forward_only=True)

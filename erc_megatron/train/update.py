@@ -20,7 +20,8 @@ import torch.distributed as dist
 from erc_megatron.algo import (PolicyLossConfig, StepStats, aggregation_denominator, policy_loss,
                                positive_nll_denominator, positive_nll_loss, reduce_step_metrics)
 from erc_megatron.train.batch import MicroBatch
-from erc_megatron.train.step import LogitsConfig, forward_backward, optimizer_step, token_logprob_entropy, zero_grads
+from erc_megatron.train.step import (LogitsConfig, forward_backward, optimizer_step, prepare_output,
+                                     token_logprob_entropy, zero_grads)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         logp, entropy = token_logprob_entropy(logits, mb.labels, vocab, logits_cfg,
-                                              entropy_grad=loss_cfg.entropy_coef > 0)
+                                              entropy_grad=loss_cfg.entropy_coef > 0, model=learner.model)
         loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, entropy=entropy,
                                     old_entropy=mb.old_entropy, config=loss_cfg, rollout_log_prob=mb.rollout_logp,
                                     global_denominator=denominators.policy)
@@ -88,6 +89,7 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
             out.append(nll_metrics)
         return loss, {"metrics": out}
 
+    prepare_output(learner.model, logits_cfg)
     zero_grads(learner)
     outputs = forward_backward(learner.model, micro_batches, loss_fn)
 

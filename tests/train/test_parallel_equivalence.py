@@ -11,7 +11,8 @@ import torch
 
 from tests.distributed import run_distributed
 
-LAYOUTS = [(2, 2), (2, 1), (1, 1)]
+# (tp, pp, fused_output_layer): the last one never materialises the logits
+LAYOUTS = [(2, 2, False), (2, 1, False), (1, 1, False), (2, 2, True)]
 
 
 def _model_cfg():
@@ -77,9 +78,9 @@ def _worker(rank, world_size, seed):
     groups = _rollout(seed)
     loss_cfg = PolicyLossConfig(surrogate="ppo_clip", erc=True, erc_low=0.995, erc_high=1.005, eps_low=0.2,
                                 eps_high=0.28, clip_ratio_c=3.0, agg="token-mean")
-    logits_cfg = LogitsConfig(temperature=0.9)
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, fused in LAYOUTS:
+        logits_cfg = LogitsConfig(temperature=0.9, fused_output_layer=fused, chunk_size=7 if fused else None)
         init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7), cfg)
         # adam_eps well above the gradients' rounding noise: with 1e-8 Adam turns last-bit
         # differences of near-zero gradient entries into +-lr updates (sign amplification), which
@@ -110,16 +111,18 @@ def _worker(rank, world_size, seed):
                                                       ("all_gather", "all_gather_into_tensor", "all_gather_single")))
                 metrics["micro_batches"] = float(len(mine))
             steps.append(metrics)
-        results[(tp, pp)] = steps
+        if ps.is_pipeline_last_stage():
+            assert getattr(learner.unwrapped.output_layer, "_erc_fused", False) == fused
+        results[(tp, pp, fused)] = steps
         del learner
         ps.destroy_model_parallel()
     return results
 
 
-def test_tp2pp2_tp2pp1_tp1pp1_same_erc_training():
+def test_tp2pp2_tp2pp1_tp1pp1_fused_same_erc_training():
     seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
     per_rank = run_distributed(_worker, 4, args=(seed,))
-    ref = per_rank[0][(1, 1)]
+    ref = per_rank[0][(1, 1, False)]
     assert len(ref) == 3
     keys = ["pg/loss", "grad_norm", "erc/in_band_frac", "erc/rho_mean", "erc/rho_max", "entropy/mean",
             "entropy/old_mean", "pg/approx_kl", "pg/tokens", "pos_nll/loss" if "pos_nll/loss" in ref[0] else "pg/seqs"]
