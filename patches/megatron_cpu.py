@@ -1,7 +1,7 @@
 """CPU / gloo compatibility fixes for megatron-core, applied only when CUDA is absent.
 
-Checked against megatron-core 0.16.1 (installed and run here) and written for the 0.19.x sources
-(same constructs). Each fix rewrites one construct inside one upstream function (see
+Checked against megatron-core 0.16.1 (installed and run here); the RNG constructs were also read in
+upstream main (unchanged). Each fix rewrites one construct inside one upstream function (see
 `source_rewrite`), after checking that the construct is still there; if upstream changed, start-up
 fails with a message naming the function instead of silently running something else.
 
@@ -26,7 +26,7 @@ import torch
 
 from .source_rewrite import Rewrite, UpstreamChangedError, replace_attribute, rewrite_function
 
-CHECKED = "megatron-core 0.16.1 (run) and 0.19.x (source)"
+CHECKED = "megatron-core 0.16.1 (run here; 0.17+ needs Python 3.12 and was not run)"
 log = logging.getLogger(__name__)
 
 _CUDA_DEVICE = Rewrite('device="cuda"', 'device="cpu"')
