@@ -122,6 +122,3 @@ def _rebind(owner: Any, name: str, old: Any, new: Any) -> None:
             if value is old:
                 setattr(mod, attr, new)
 
-
-def is_patched(owner: Any, name: str) -> bool:
-    return (id(owner), name) in _ORIGINALS

@@ -1,10 +1,10 @@
 """Model and parallel-layout configs (field names follow Megatron's flags)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16", "float16")
+PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -67,7 +67,7 @@ class ModelConfig:
                      f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
                      f"({self.num_attention_heads}) unless model.kv_channels is set")
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        _require(self.params_dtype in _DTYPES, f"model.params_dtype must be one of {_DTYPES}, got {self.params_dtype!r}")
+        _require(self.params_dtype in PARAMS_DTYPES, f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         _require(self.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
@@ -175,10 +175,5 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
     return errors
 
 
-def as_dict(obj: Any) -> dict:
-    from dataclasses import asdict
 
-    return asdict(obj)
-
-
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "layout_errors", "as_dict", "field"]
+__all__ = ["PARAMS_DTYPES", "ConfigError", "ModelConfig", "ParallelConfig", "layout_errors"]

@@ -7,7 +7,7 @@ attention mask under causal attention.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,9 +31,6 @@ class MicroBatch:
     def with_(self, **kw) -> "MicroBatch":
         return replace(self, **kw)
 
-    def to(self, device) -> "MicroBatch":
-        return MicroBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
-                             for f in fields(self)})
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0,

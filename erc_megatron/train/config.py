@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from erc_megatron.algo import PolicyLossConfig
 from erc_megatron.data.prompts import DataConfig
-from erc_megatron.model.config import ConfigError, ParallelConfig
+from erc_megatron.model.config import PARAMS_DTYPES, ConfigError, ParallelConfig
 from erc_megatron.reward.registry import RewardConfig
 from erc_megatron.train.learner import OptimConfig
 from erc_megatron.train.step import LogitsConfig
@@ -27,9 +27,8 @@ class ModelSection:
     """float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        dtypes = ("float32", "bfloat16", "float16")
-        if self.params_dtype not in dtypes:
-            raise ConfigError(f"model.params_dtype must be one of {dtypes}, got {self.params_dtype!r}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ConfigError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError(f"model.make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
         if not self.path:

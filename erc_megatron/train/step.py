@@ -8,10 +8,9 @@ the number of micro-batches, DDP averages over data-parallel ranks).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -127,14 +126,6 @@ def old_policy_pass(model, micro_batches: list[MicroBatch], vocab_size: int, cfg
 LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict]"]
 
 
-@dataclass
-class StepOutput:
-    """What one optimizer step reports on every rank."""
-
-    per_microbatch: list  # last stage: the loss function's metric dicts; elsewhere []
-    grad_norm: float
-    updated: bool
-
 
 def forward_backward(model, micro_batches: list[MicroBatch], loss_fn: LossFn) -> list:
     """Run forward+backward over all micro-batches; returns the last stage's per-micro-batch dicts.
@@ -174,6 +165,3 @@ def zero_grads(learner) -> None:
     learner.model.zero_grad_buffer()
     learner.optimizer.zero_grad()
 
-
-def finite(values: Iterable[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
