@@ -1,7 +1,7 @@
 """CPU / gloo compatibility fixes for megatron-core, applied only when CUDA is absent.
 
-Checked against megatron-core 0.16.1 (installed and run here); the RNG constructs were also read in
-upstream main (unchanged). Each fix rewrites one construct inside one upstream function (see
+Checked against megatron-core 0.16.1 (Python 3.11) and 0.17.1, 0.18.2, 0.19.2 (Python 3.12), each
+run here on CPU/gloo (parallel-equivalence and end-to-end train tests; `tests/run_py312.sh`). Each fix rewrites one construct inside one upstream function (see
 `source_rewrite`), after checking that the construct is still there; if upstream changed, start-up
 fails with a message naming the function instead of silently running something else.
 
@@ -13,8 +13,9 @@ Fixes (numbers follow shared/spec/megatron_cpu.md):
     the global memory buffer (attention scores).
  4. `torch.cuda.synchronize()` in p2p: avoided by `TransformerConfig(batch_p2p_sync=False)`,
     which erc_megatron.model.gpt sets on CPU.
- 5. DDP / optimizer: `torch.cuda.current_stream()` in grad sync (0.19.x), CUDA-only buffers and
-    asserts in gradient clipping (a CPU path, so `clip_grad` works on CPU).
+ 5. DDP / optimizer: `torch.cuda.current_stream()` in grad sync (0.19.x), the CUDA flag of
+    `MegatronOptimizer.has_grad_norm_group` (0.19.x), CUDA-only buffers and asserts in gradient
+    clipping (a CPU path, so `clip_grad` works on CPU).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from .source_rewrite import Rewrite, UpstreamChangedError, replace_attribute, rewrite_function
 
-CHECKED = "megatron-core 0.16.1 (run here; 0.17+ needs Python 3.12 and was not run)"
+CHECKED = "megatron-core 0.16.1, 0.17.1, 0.18.2, 0.19.2 (all run on CPU)"
 log = logging.getLogger(__name__)
 
 _CUDA_DEVICE = Rewrite('device="cuda"', 'device="cpu"')
@@ -152,10 +153,11 @@ def _patch_current_device() -> None:
     rewrite_function(core_utils.GlobalMemoryBuffer, "get_tensor", [_CURRENT_DEVICE], CHECKED)
 
     optimizer = _module("megatron.core.optimizer.optimizer")
-    for cls_name in ("MixedPrecisionOptimizer", "Float16OptimizerWithFloat16Params", "FP32Optimizer",
-                     "ChainedOptimizer"):
+    for cls_name in ("MegatronOptimizer", "MixedPrecisionOptimizer", "Float16OptimizerWithFloat16Params",
+                     "FP32Optimizer", "ChainedOptimizer"):
         cls = getattr(optimizer, cls_name, None)
-        for meth in ("__init__", "get_loss_scale", "_unscale_main_grads_and_check_for_nan"):
+        # has_grad_norm_group (0.19.x): a one-off all-reduce of a CUDA flag per grad-norm group
+        for meth in ("__init__", "get_loss_scale", "_unscale_main_grads_and_check_for_nan", "has_grad_norm_group"):
             if cls is not None and meth in vars(cls):
                 _rewrite_if_contains(cls, meth, [_CURRENT_DEVICE, _CUDA_DEVICE_SQ])
 
