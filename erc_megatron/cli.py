@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="erc-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    if chosen is not None:
+        # before the subcommand imports megatron-core / transformers: their import-time warnings
+        # are filtered here, and ranks other than 0 go quiet
+        from erc_megatron.utils import console
+
+        console.setup()
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

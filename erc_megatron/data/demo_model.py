@@ -46,6 +46,7 @@ from erc_megatron.data.demo_tokenizer import build_tokenizer, save_tokenizer
 from erc_megatron.data.prompts import DataConfig, PromptDataset, load_prompt_dataset
 from erc_megatron.data.synthetic import AdditionTaskConfig, format_response, make_rows, noisy_answer
 from erc_megatron.model.config import ConfigError
+from erc_megatron.utils.console import Progress
 from erc_megatron.reward.math_reward import math_reward
 
 _ARCHITECTURES = ("qwen2", "llama")
@@ -143,8 +144,11 @@ def _response_ids(tokenizer, answer: int | str) -> list[int]:
     return tokenizer(format_response(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def supervised_warmup(model, tokenizer, dataset: PromptDataset, config: WarmupConfig) -> list[float]:
-    """Train on (prompt, noisy `\\boxed{answer}`) pairs, loss on response tokens only; returns the losses."""
+def supervised_warmup(model, tokenizer, dataset: PromptDataset, config: WarmupConfig,
+                      on_step=None) -> list[float]:
+    """Train on (prompt, noisy `\\boxed{answer}`) pairs, loss on response tokens only; returns the losses.
+
+    `on_step(steps_done)` is called after every optimizer step (progress reporting)."""
     rng = random.Random(config.seed + 2)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -170,6 +174,8 @@ def supervised_warmup(model, tokenizer, dataset: PromptDataset, config: WarmupCo
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses))
     model.eval()
     return losses
 
@@ -226,7 +232,8 @@ def make_demo(out_dir: str, model_config: DemoModelConfig, task: AdditionTaskCon
     log(f"model: {type(model).__name__}, {n_params} parameters, vocabulary {len(tokenizer)}")
     log(f"data: {len(train)} training prompts, {len(val)} held-out prompts; warm-up {warmup.steps} steps "
         f"with noise {warmup.noise} (offsets {list(warmup.noise_offsets)})")
-    losses = supervised_warmup(model, tokenizer, train, warmup)
+    with Progress("warm-up", total=warmup.steps, unit="steps", out=log) as progress:
+        losses = supervised_warmup(model, tokenizer, train, warmup, on_step=progress.update)
     if losses:
         log(f"warm-up loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of last 10)")
 

@@ -82,8 +82,11 @@ def generate_groups(client, prompts: list[dict], n: int, params: dict, reward_fn
     return groups, rewards
 
 
-def collect_step(client, iterator, cfg, reward_fn, step: int) -> tuple[list[list[Sample]], dict]:
-    """Generate until `prompts_per_step` informative groups (dynamic sampling) and set advantages."""
+def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> tuple[list[list[Sample]], dict]:
+    """Generate until `prompts_per_step` informative groups (dynamic sampling) and set advantages.
+
+    `progress(kept_groups, target_groups)` is called after each generation round.
+    """
     t0 = time.perf_counter()
     rc = cfg.rollout
     n = rc.n_samples_per_prompt
@@ -104,6 +107,8 @@ def collect_step(client, iterator, cfg, reward_fn, step: int) -> tuple[list[list
             all_lengths += [len(s.response_ids) for g in groups for s in g]
             sampler.add(groups, rewards)
             round_ += 1
+            if progress is not None:
+                progress(sampler.kept, target)
         groups = sampler.take()
     else:
         prompts = iterator.next_batch(target)

@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _say(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[erc-megatron] {msg}", flush=True)
+    from erc_megatron.utils.console import say
+
+    say(msg)
 
 
 def _broadcast(obj):
@@ -97,11 +98,20 @@ def train(cfg) -> dict:
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                                            params_dtype=cfg.model.params_dtype)
-    init_distributed(cfg.parallel, model_cfg)
+    launch = init_distributed(cfg.parallel, model_cfg)
     from megatron.core import parallel_state as ps
 
+    from erc_megatron.utils import console
+
     rank = dist.get_rank()
-    learner = build_learner(model_cfg, cfg.optim)
+    _say(console.environment_line(
+        backend=dist.get_backend(), device="GPU" if torch.cuda.is_available() else "CPU",
+        world_size=dist.get_world_size(), launcher=launch.launcher, tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
+        versions=console.runtime_versions(), absent=console.absent_parts()))
+    with console.Progress(f"building the model ({model_cfg.num_layers} layers)"):
+        learner = build_learner(model_cfg, cfg.optim)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     run_dir = cfg.trainer.run_dir
@@ -113,7 +123,8 @@ def train(cfg) -> dict:
         start_step, weight_version, data_state = state["step"], state["weight_version"], state["data"]
         _say(f"resumed from {ckpt} at step {start_step}")
     else:
-        load_hf_checkpoint(learner.unwrapped, cfg.model.path, model_cfg)
+        with console.Progress(f"loading {cfg.model.path}"):
+            load_hf_checkpoint(learner.unwrapped, cfg.model.path, model_cfg)
         # bf16/fp16: the optimizer keeps fp32 master copies made before the load
         learner.optimizer.reload_model_params()
 
@@ -139,8 +150,7 @@ def train(cfg) -> dict:
         if ckpt is not None:
             sync.sync(weight_version)
         tp, dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
-        _say(f"training: tp={tp} pp={ps.get_pipeline_model_parallel_world_size()} dp={dp}, steps "
-             f"{start_step}..{cfg.trainer.steps}")
+        _say(f"training steps {start_step + 1}..{cfg.trainer.steps}")
         every = cfg.validation.every_steps
 
         def learn(groups, metrics: dict[str, float], weight_version: int) -> int:
@@ -173,13 +183,26 @@ def train(cfg) -> dict:
             return weight_version
 
         final: dict = {}
+        last: dict[str, float] = {}  # phase -> seconds it took last time, for the ETA of the next one
+        run_start, run_start_step = time.monotonic(), start_step
+
+        def timed(phase: str, label: str, fn, **kw):
+            with console.Progress(label, expected_s=last.get(phase), **kw) as p:
+                out = fn(p)
+            last[phase] = p.elapsed
+            return out
+
         for step in range(start_step, cfg.trainer.steps):
 
             def rollout_on_rank0():
                 out: dict[str, float] = {}
                 if val_set is not None and every and step % every == 0:
-                    out.update(validate(client, val_set, cfg, reward_fn))
-                groups, rollout_metrics = collect_step(client, iterator, cfg, reward_fn, step)
+                    out.update(timed("validation", f"validation before step {step + 1}",
+                                     lambda p: validate(client, val_set, cfg, reward_fn)))
+                groups, rollout_metrics = timed(
+                    "rollout", f"rollout step {step + 1}/{cfg.trainer.steps}",
+                    lambda p: collect_step(client, iterator, cfg, reward_fn, step, progress=p.update),
+                    total=cfg.trainer.prompts_per_step, unit="groups")
                 return groups, {**out, **rollout_metrics}
 
             groups, metrics = _on_rank0(rollout_on_rank0)
@@ -191,13 +214,15 @@ def train(cfg) -> dict:
                 _say(f"step {done}: no informative groups (all rewards equal in every group); skipping update")
             if rank == 0:
                 logger.log(done, metrics)
-                print(progress_line(done, cfg.trainer.steps, metrics), flush=True)
+                per_step = (time.monotonic() - run_start) / (done - run_start_step)
+                print(f"{progress_line(done, cfg.trainer.steps, metrics)} | ETA "
+                      f"{console.format_seconds(per_step * (cfg.trainer.steps - done))}", flush=True)
             if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:
                 state = {"weight_version": weight_version, "data": iterator.state_dict() if rank == 0 else None}
                 save_checkpoint(run_dir, done, learner, state)
             final = metrics
         if rank == 0 and val_set is not None and every:
-            val = validate(client, val_set, cfg, reward_fn)
+            val = timed("validation", "final validation", lambda p: validate(client, val_set, cfg, reward_fn))
             logger.log(cfg.trainer.steps, {**val, "final": 1.0})
             final = {**final, **val}
             _say(f"final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
@@ -219,7 +244,11 @@ def run(args: argparse.Namespace) -> int:
     from erc_megatron.train.config import RunConfig
     from erc_megatron.utils import config_tree
 
-    logging.basicConfig(level=os.environ.get("ERC_LOG_LEVEL", "WARNING"),
+    from erc_megatron.utils import console
+
+    console.setup()  # no-op under `erc-megatron train`, which already did it
+    # ranks other than 0 log errors only (console.setup)
+    logging.basicConfig(level=os.environ.get("ERC_LOG_LEVEL", "WARNING") if console.is_main() else "ERROR",
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = config_tree.load(RunConfig, args.config, args.overrides)

@@ -106,7 +106,7 @@ def _launch(demo: Path, run_dir: Path, steps: int = STEPS) -> tuple[subprocess.P
            "-m", "erc_megatron.cli", "train", "--config", str(RECIPE), *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path = run_dir.parent / f"{run_dir.name}.out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # warnings as a user gets them: the console test checks
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, out_path
@@ -271,6 +271,29 @@ def test_run_writes_every_step_metrics_tensorboard_and_plot(baseline, tmp_path):
     acc = [records[(s, False)]["rollout/accuracy"] for s in range(1, STEPS + 1)]
     print(f"uninterrupted run: {seconds:.1f}s, rollout accuracy {acc}, "
           f"val accuracy {records[(1, False)]['val/accuracy']} -> {records[(STEPS, True)]['val/accuracy']}")
+
+
+def test_console_shows_rank0_lines_once_and_no_third_party_warnings(baseline):
+    """What a user sees on the 4-rank run: rank 0's lines, each once; no warnings from any rank."""
+    from importlib.metadata import version
+
+    out = baseline[1]
+    lines = out.splitlines()
+    foreign = [line for line in lines if not re.match(r"(\[erc-megatron\] |step \d+/\d+ \| )", line)]
+    assert not foreign, "lines other than rank 0's own:\n" + "\n".join(foreign[:40])
+    # the project's own warnings (a partial dynamic-sampling batch) are single prefixed lines
+    warned = [line for line in lines if re.search(r"warn", line, re.I)]
+    assert all(line.startswith("[erc-megatron] warning: ") for line in warned), warned
+    env = [line for line in lines if " layout TP2xPP2xDP1 " in line]
+    assert len(env) == 1, out[-6000:]
+    assert env[0].startswith("[erc-megatron] gloo on CPU, 4 ranks (torchrun), layout TP2xPP2xDP1 |"), env
+    for package in ("torch", "megatron-core", "transformers"):
+        assert f"{package} {version(package)}" in env[0], (package, env[0])
+    assert re.search(r"\| absent: .*Transformer Engine \(", env[0]), env[0]
+    for once in (r"\[erc-megatron\] training steps 1\.\.\d+$", r"\[erc-megatron\] final validation: "):
+        assert len([line for line in lines if re.match(once, line)]) == 1, (once, out[-6000:])
+    assert [int(m) for m in re.findall(r"^step (\d+)/", out, re.M)] == list(range(1, STEPS + 1))
+    assert re.search(rf"^step {STEPS}/{STEPS} \|.* \| ETA 0s$", out, re.M), out[-2000:]
 
 
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted_run(baseline, demo, tmp_path):
