@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Python 3.12 + megatron-core 0.19.x: the ops, parallel-equivalence, end-to-end train and console
+# tests, in their own venv (the main suite runs on Python 3.11 + megatron-core 0.16.1).
+#   bash tests/run_py312.sh [pytest args]
+# Env: PYTHON312 (interpreter, default python3.12 or pyenv's 3.12.1), VENV312 (default .venv312,
+# reused when present), MCORE_VERSION (default 0.19.2).
+# PyPI's Linux torch 2.13.0 for cp312 is the CUDA build: the wheel is 527 MB and it cannot even be
+# imported without its nvidia-* / triton dependencies (libcudnn.so.9 etc. are linked), so they are
+# installed too: about 2.7 GB of wheels, 4.7 GB installed. On a CPU machine torch then runs on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
+VENV=${VENV312:-.venv312}
+MCORE=${MCORE_VERSION:-0.19.2}
+t0=$SECONDS
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# reuse the venv as is when it already holds this checkout and the asked megatron-core
+if ! "$VENV/bin/python" - "$MCORE" <<'PY' 2>/dev/null
+import os, sys
+from importlib.metadata import version
+import erc_megatron, torch
+assert version("megatron-core") == sys.argv[1] and torch.__version__.startswith("2.13.0")
+assert os.path.realpath(erc_megatron.__file__).startswith(os.path.realpath("erc_megatron") + os.sep)
+PY
+then
+  "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q -e ".[dev]" "megatron-core==$MCORE"
+fi
+"$VENV/bin/python" - "$((SECONDS - t0))" <<'PY'
+import sys, torch
+from importlib.metadata import version
+print(f"run_py312: venv ready in {sys.argv[1]} s: python {sys.version.split()[0]}, torch {torch.__version__}, "
+      f"megatron-core {version('megatron-core')}")
+PY
+
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/ops tests/train/test_parallel_equivalence.py tests/train/test_train_e2e.py tests/utils/test_console.py "$@"
+echo "run_py312: total $((SECONDS - t0)) s"
