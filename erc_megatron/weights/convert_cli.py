@@ -8,12 +8,9 @@ and exits 1 on any difference: a round-trip test of the conversion at that layou
 from __future__ import annotations
 
 import argparse
-import logging
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from erc_megatron.dist.startup import init_distributed, shutdown_distributed
     from erc_megatron.model.config import ParallelConfig
     from erc_megatron.model.gpt import build_gpt_model
+    from erc_megatron.utils.console import Progress, say
 
     from .checkpoint_io import hf_config_to_model_config, load_hf_checkpoint, save_hf_checkpoint
 
@@ -65,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
     owns_group = not dist.is_initialized()
     init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp), cfg)
     try:
-        model = build_gpt_model(cfg)
-        load_hf_checkpoint(model, args.hf_dir, cfg)
-        save_hf_checkpoint(model, cfg, args.out, tokenizer_dir=args.hf_dir, hf_config=hf_config,
-                           max_shard_bytes=args.max_shard_bytes)
+        with Progress(f"building the model ({cfg.num_layers} layers)"):
+            model = build_gpt_model(cfg)
+        with Progress(f"loading {args.hf_dir}"):
+            load_hf_checkpoint(model, args.hf_dir, cfg)
+        with Progress(f"writing {args.out}"):
+            save_hf_checkpoint(model, cfg, args.out, tokenizer_dir=args.hf_dir, hf_config=hf_config,
+                               max_shard_bytes=args.max_shard_bytes)
         status = 0
+        say(f"exported {args.hf_dir} at TP{args.tp} x PP{args.pp} to {args.out}")
         if dist.get_rank() == 0:
-            log.info("exported %s at TP%d x PP%d to %s", args.hf_dir, args.tp, args.pp, args.out)
             if args.check:
                 problems = compare_checkpoints(args.hf_dir, args.out)
                 for p in problems[:20]:
