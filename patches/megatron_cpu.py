@@ -1,9 +1,10 @@
 """CPU / gloo compatibility fixes for megatron-core, applied only when CUDA is absent.
 
 Checked against megatron-core 0.16.1 (Python 3.11) and 0.17.1, 0.18.2, 0.19.2 (Python 3.12), each
-run here on CPU/gloo (parallel-equivalence and end-to-end train tests; `tests/run_py312.sh`). Each fix rewrites one construct inside one upstream function (see
-`source_rewrite`), after checking that the construct is still there; if upstream changed, start-up
-fails with a message naming the function instead of silently running something else.
+run here on CPU/gloo (parallel-equivalence and end-to-end train tests; `tests/run_py312.sh`).
+Each fix rewrites one construct inside one upstream function (see `source_rewrite`), after
+checking that the construct is still there; if upstream changed, start-up fails with a message
+naming the function instead of silently running something else.
 
 Fixes (numbers follow shared/spec/megatron_cpu.md):
  1. RNG tracker: CUDA RNG get/set/seed -> the CPU generator.

@@ -8,9 +8,10 @@ unchanged and remembers the weight GPTModel passed (the shared embedding when ti
 hands those hidden states, [b, s, h], to the loss function where logits would have been.
 
 The skipped `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the input
-gradient backward) is done by the fused op itself, once. Checked against megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (each run):
-`GPTModel._postprocess` calls `self.output_layer(hidden_states, weight=output_weight,
-runtime_gather_output=...)`, verified at install time.
+gradient backward) is done by the fused op itself, once. Checked against megatron-core 0.16.1,
+0.17.1, 0.18.2 and 0.19.2 (each run): `GPTModel._postprocess` calls
+`self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=...)`, verified at
+install time.
 """
 from __future__ import annotations
 

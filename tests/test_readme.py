@@ -371,7 +371,8 @@ def test_parser_finds_what_a_readme_holds():
     sample = ("Run `erc-megatron serve --model-path DIR [--port]` and `launch/x.sh N`.\n"
               "```bash\npip install -e \".[dev]\" && python -m pytest -q tests  # CI\n```\n"
               "```\npkg/\n  sub/       text\n  a/ b/     two\ndocs/      more\n```\n"
-              "Sections: `loss` (`eps_low`, `agg` token-mean, `fused: true`), `trainer.steps=3`, see `erc_megatron.cli`.\n"
+              "Sections: `loss` (`eps_low`, `agg` token-mean, `fused: true`), `trainer.steps=3`, "
+              "see `erc_megatron.cli`.\n"
               "As in docs/spec/a.md, `erc_megatron.utils.console.say(msg,\n  more)` prints.\n")
     assert readme_commands(sample) == ['pip install -e ".[dev]"', "python -m pytest -q tests",
                                        "erc-megatron serve --model-path DIR [--port]", "launch/x.sh N"]

@@ -149,7 +149,7 @@ def train(cfg) -> dict:
         # the servers load model.path; after a resume they must get the learner's weights first
         if ckpt is not None:
             sync.sync(weight_version)
-        tp, dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
+        dp = ps.get_data_parallel_world_size()
         _say(f"training steps {start_step + 1}..{cfg.trainer.steps}")
         every = cfg.validation.every_steps
 

@@ -293,7 +293,8 @@ class Progress:
         elapsed = self.clock() - self.start
         parts = [self.label + ":"]
         if self.done is not None and self.total:
-            parts.append(f"{self.done:g}/{self.total:g} {self.unit}".rstrip() + f" ({100 * self.done / self.total:.0f}%),")
+            count = f"{self.done:g}/{self.total:g} {self.unit}".rstrip()
+            parts.append(f"{count} ({100 * self.done / self.total:.0f}%),")
         parts.append(f"{format_seconds(elapsed)} elapsed")
         eta = eta_seconds(elapsed, self.done, self.total, self.expected_s)
         if eta is not None:
