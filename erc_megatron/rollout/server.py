@@ -141,6 +141,7 @@ class RolloutServer:
         self.engine = Engine(model, self.tokenizer, eos, args.max_running_requests, args.return_original_logprob)
         self.updater = WeightUpdater(self.engine, timedelta(seconds=args.weight_update_timeout_s))
         self.weight_version = args.weight_version
+        self._staged_version: str | None = None
         self.generate_calls = 0
         self.routes = {
             "/generate": self.generate,
@@ -365,8 +366,14 @@ class RolloutServer:
         return HTTPStatus.OK, {"success": True, "message": f"Weight version updated to {new_version}",
                                "new_version": new_version}
 
+    def _commit_staged(self) -> None:
+        """Weights staged by flush_cache=false updates go live (with their version) at the latest here."""
+        if self.updater.commit_staged() and self._staged_version is not None:
+            self.weight_version, self._staged_version = self._staged_version, None
+
     def flush_cache(self, body: dict):
         # Nothing is cached across requests here; like SGLang, refuse while requests are in flight.
+        self._commit_staged()
         ok = self.engine.num_requests() == 0
         text = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
                 "waiting requests, the operation will not be performed.)\n")
@@ -381,6 +388,7 @@ class RolloutServer:
         return HTTPStatus.OK, {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, body: dict):
+        self._commit_staged()
         self.engine.resume()
         log.info("generation continued")
         return HTTPStatus.OK, {"message": "Generation continued successfully.", "status": "ok"}
@@ -411,10 +419,11 @@ class RolloutServer:
         if _field(body, "abort_all_requests", bool, False):
             self.engine.abort(abort_all=True, message="Aborted for a weight update")
         started = time.perf_counter()
+        commit = _field(body, "flush_cache", bool, True)
         ok, message = self.updater.update_from_distributed(
             names, dtypes, shapes, group_name=_field(body, "group_name", str, "weight_update_group"),
-            load_format=_field(body, "load_format", str, None))
-        return self._after_update(ok, message, version, f"{len(names)} tensors from distributed", started)
+            load_format=_field(body, "load_format", str, None), commit=commit)
+        return self._after_update(ok, message, version, f"{len(names)} tensors from distributed", started, commit)
 
     def update_weights_from_disk(self, body: dict):
         model_path = _field(body, "model_path", str)
@@ -429,12 +438,22 @@ class RolloutServer:
         return status, {**content, "num_paused_requests": 0}
 
     def destroy_weights_update_group(self, body: dict):
+        self._staged_version = None
         return _result(*self.updater.destroy_group(_field(body, "group_name", str, "weight_update_group")))
 
-    def _after_update(self, ok: bool, message: str, version: str | None, what: str, started: float):
-        if ok and version is not None:
-            self.weight_version = version
-            message += f" Weight version updated to {version}."
+    def _after_update(self, ok: bool, message: str, version: str | None, what: str, started: float,
+                      commit: bool = True):
+        if not ok:
+            self._staged_version = None
+        elif not commit:
+            # the version goes live with the staged weights, never before them
+            self._staged_version = version if version is not None else self._staged_version
+        else:
+            version = version if version is not None else self._staged_version
+            self._staged_version = None
+            if version is not None:
+                self.weight_version = version
+                message += f" Weight version updated to {version}."
         log.log(logging.INFO if ok else logging.ERROR, "weight update (%s) %s in %.3fs: %s",
                 what, "succeeded" if ok else "FAILED", time.perf_counter() - started, message)
         return _result(ok, message)
