@@ -284,6 +284,8 @@ class RolloutServer:
             "completion_tokens": len(req.output_ids),
             "cached_tokens": 0,
             "weight_version": self.weight_version,
+            "num_retractions": req.num_retractions,
+            "reasoning_tokens": 0,
         }
         if req.return_logprob:
             with_text = bool(body.get("return_text_in_logprobs")) and self.tokenizer is not None
