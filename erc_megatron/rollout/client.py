@@ -61,7 +61,7 @@ class SGLangClient:
     """HTTP client for one or more rollout servers (or a single router URL)."""
 
     def __init__(self, urls: list[str] | str, timeout: float = 3600.0, max_retries: int = 3,
-                 backoff: float = 0.5, connect_timeout: float = 10.0):
+                 backoff: float = 0.5, connect_timeout: float = 10.0, api_key: str | None = None):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
@@ -73,6 +73,8 @@ class SGLangClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self._session = requests.Session()
+        if api_key:  # SGLang's --api-key
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sglang-client")  # for submit()
 
     def close(self) -> None:

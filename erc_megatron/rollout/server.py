@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SERVER_VERSION = "erc-megatron-embedded-0.1"
 _READY_LINE = "erc-megatron serve: listening on "
+API_KEY_ENV = "ERC_MEGATRON_API_KEY"  # lets a parent pass the key without putting it on a command line
 _MISSING = object()
 
 # GenerateReqInput fields the embedded server accepts only at their default value.
@@ -86,6 +88,9 @@ class ServerArgs:
     """Timeout of the weight-update process group (rendezvous and broadcasts)."""
     num_threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    api_key: str | None = None
+    """SGLang's --api-key: every endpoint but /health*, /ready*, /metrics* then needs the header
+    `Authorization: Bearer <key>` (401 {"error": "Unauthorized"} otherwise)."""
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_path):
@@ -99,6 +104,8 @@ class ServerArgs:
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         self.tokenizer_path = self.tokenizer_path or self.model_path
+        if self.api_key == "":
+            raise ValueError("api_key must be a non-empty string or None")
 
 
 class BadRequest(ValueError):
@@ -493,11 +500,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_POST
 
+    def _authorized(self, path: str) -> bool:
+        """SGLang's rule (sglang.srt.utils.auth.decide_request_auth, 0.5.23) for its NORMAL and
+        ADMIN_OPTIONAL endpoints with only api_key set: probes are open, the rest need the key."""
+        key = self.rollout.args.api_key
+        if key is None or path.startswith(("/health", "/ready", "/metrics")):
+            return True
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), key.encode())
+
     def _dispatch(self):
         path = urlparse(self.path).path
         route = self.rollout.routes.get(path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if not self._authorized(path):
+            return self._send(HTTPStatus.UNAUTHORIZED, {"error": "Unauthorized"})
         if route is None:
             return self._send(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
         try:
@@ -660,6 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timeout of the weight-update process group (rendezvous and broadcasts)")
     parser.add_argument("--num-threads", type=int, default=d["num_threads"],
                         help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help="require `Authorization: Bearer KEY` (SGLang's flag; default: $" + API_KEY_ENV + ")")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -669,7 +689,10 @@ def run(args: argparse.Namespace) -> int:
         model_path=args.model_path, tokenizer_path=args.tokenizer_path, host=args.host, port=args.port,
         seed=args.seed, max_running_requests=args.max_running_requests, weight_version=args.weight_version,
         return_original_logprob=args.return_original_logprob,
-        weight_update_timeout_s=args.weight_update_timeout_s, num_threads=args.num_threads)
+        weight_update_timeout_s=args.weight_update_timeout_s, num_threads=args.num_threads, api_key=args.api_key)
+    if server_args.api_key is None and server_args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --api-key: anyone who can reach it can replace the weights",
+                    server_args.host)
     rollout = RolloutServer(server_args)
     http = make_http_server(rollout)
     host, port = http.server_address[:2]

@@ -164,10 +164,16 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
         if log_path:
             os.makedirs(log_dir, exist_ok=True)
         # one thread: the learner ranks share the same cores
+        env = None
+        if rc.api_key:
+            from erc_megatron.rollout.server import API_KEY_ENV
+
+            env = {**os.environ, API_KEY_ENV: rc.api_key}
         process = launch_server_process(cfg.model.path, seed=rc.embedded_seed, startup_timeout=rc.startup_timeout_s,
-                                        log_path=log_path, extra_args=["--num-threads", str(rc.embedded_threads)])
+                                        log_path=log_path, extra_args=["--num-threads", str(rc.embedded_threads)],
+                                        env=env)
         urls = [process.url]
-    client = SGLangClient(urls, timeout=rc.request_timeout_s, max_retries=rc.max_retries)
+    client = SGLangClient(urls, timeout=rc.request_timeout_s, max_retries=rc.max_retries, api_key=rc.api_key)
     try:
         client.wait_healthy(rc.startup_timeout_s)
     except Exception:

@@ -112,3 +112,23 @@ def test_server_dying_mid_rollout_raises_instead_of_hanging(tiny):
         server.kill()
     assert "error" in outcome, outcome
     assert server.url + "/generate" in str(outcome["error"]) and "after 3 attempts" in str(outcome["error"])
+
+
+def test_api_key_is_sglangs_bearer_header(tiny):
+    handle = start_server_in_thread(tiny.path, num_threads=1, api_key="s3cret")
+    try:
+        assert handle.url.startswith("http://127.0.0.1:")  # loopback unless asked otherwise
+        assert requests.get(handle.url + "/health", timeout=10).status_code == 200  # probes stay open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = requests.post(handle.url + "/generate", json={"input_ids": [4, 5]}, headers=headers, timeout=10)
+            assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}, (headers, r.text)
+        r = requests.get(handle.url + "/get_model_info", headers={"Authorization": "bearer s3cret"}, timeout=10)
+        assert r.status_code == 200
+        with pytest.raises(SGLangError, match="Unauthorized"):
+            SGLangClient([handle.url], max_retries=0).get_weight_version()
+        client = SGLangClient([handle.url], max_retries=0, api_key="s3cret")
+        out = client.generate([[4, 5]], {"max_new_tokens": 2, "ignore_eos": True})
+        assert len(out[0]["output_ids"]) == 2
+        client.close()
+    finally:
+        handle.shutdown()
