@@ -200,6 +200,7 @@ class WeightSync:
         self.group = None
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.last_bytes = 0
+        self._urls: list[str] = []  # the servers in the current weight-update group
         self.last_gather_wait_s = 0.0
         """Seconds rank 0 waited for the next bucket to be gathered in the last sync (not hidden by overlap)."""
         self.timeout_s = timeout_s
@@ -207,25 +208,26 @@ class WeightSync:
     # ------------------------------------------------------------------ set-up (rank 0)
     def _server_gpus(self) -> list[int]:
         info = self.client.get_server_info()
-        return [int(info[u].get("tp_size", 1) or 1) * int(info[u].get("dp_size", 1) or 1) for u in self.client.urls]
+        return [int(info[u].get("tp_size", 1) or 1) * int(info[u].get("dp_size", 1) or 1) for u in self._urls]
 
     def _connect(self) -> None:
         from erc_megatron.patches.custom_process_group import init_custom_process_group
         from erc_megatron.rollout.client import SGLangError
 
+        self._urls = self.client.live_urls
         gpus = self._server_gpus()
         world = 1 + sum(gpus)
-        addr, port = _local_address(self.client.urls), _free_port()
+        addr, port = _local_address(self._urls), _free_port()
         # A server still holding this group (its learner died, or this one was restarted) refuses a
         # new one of the same name: clear it first; "does not exist" is the normal answer.
-        for url in self.client.urls:
+        for url in self._urls:
             try:
                 self.client.destroy_weights_update_group(url, self.group_name)
             except SGLangError:
                 pass
         futures = []
         offset = 1
-        for url, n in zip(self.client.urls, gpus):
+        for url, n in zip(self._urls, gpus):
             futures.append(self.client.submit(self.client.init_weights_update_group, url, addr, port, offset, world,
                                               self.group_name, self.backend))
             offset += n
@@ -259,12 +261,15 @@ class WeightSync:
         ok, error, retry, sent = True, "", True, 0
         self.last_gather_wait_s = 0.0
         try:
+            if self.group is not None and self._urls != self.client.live_urls:
+                self._reset_group()  # a server left the rotation: the group is rebuilt without it
             if self.group is None:
                 self._connect()
             self.client.pause_generation()
             self.client.flush_cache()
         except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
             ok, error = False, f"{type(exc).__name__}: {exc}"
+            self._retire_if_gone(exc)
         # The next bucket is gathered (TP all-gathers, the hop from later stages, flattening) in a
         # thread while this one is announced and broadcast; after a failure the rest are still
         # gathered, because the other ranks take part in those collectives.
@@ -283,6 +288,7 @@ class WeightSync:
                 sent += flat.numel()
             except Exception as exc:  # noqa: BLE001
                 ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
+                self._retire_if_gone(exc)
         self.last_gather_wait_s = prefetch.waited_s
         try:
             prefetch.join()
@@ -311,7 +317,7 @@ class WeightSync:
         """
         futures = [self.client.submit(self.client.update_weights_from_distributed, url, names, dtypes, shapes,
                                       self.group_name, version, "flattened_bucket", last)
-                   for url in self.client.urls]
+                   for url in self._urls]
         work = dist.broadcast(flat, src=0, group=self.group, async_op=True)
         deadline = time.monotonic() + self.timeout_s
         pending = set(futures)
@@ -321,7 +327,7 @@ class WeightSync:
                 self._abort_group()
                 if failed:
                     raise failed[0].exception()
-                raise TimeoutError(f"broadcast of {flat.numel()} bytes to {self.client.urls} not done within "
+                raise TimeoutError(f"broadcast of {flat.numel()} bytes to {self._urls} not done within "
                                    f"{self.timeout_s:.0f}s")
             if pending:
                 wait(pending, timeout=0.002, return_when=FIRST_COMPLETED)
@@ -331,6 +337,15 @@ class WeightSync:
         work.wait()
         for f in futures:
             f.result(timeout=max(1.0, deadline - time.monotonic()))
+
+    def _retire_if_gone(self, exc: BaseException) -> None:
+        """A server that cannot be reached (or answers 5xx) leaves the rotation while others remain;
+        the next attempt then updates the rest. The last server is never retired: its error is reported."""
+        from erc_megatron.rollout.client import SGLangError
+
+        if isinstance(exc, SGLangError) and (exc.status is None or exc.status >= 500) \
+                and exc.url in self.client.urls and len(self.client.live_urls) > 1:
+            self.client.mark_dead(exc.url, f"weight sync: {exc.message}")
 
     def _abort_group(self) -> None:
         from erc_megatron.patches.custom_process_group import abort_custom_process_group
@@ -373,7 +388,7 @@ class WeightSync:
 
         if self.group is None:
             return
-        for url in self.client.urls:
+        for url in self._urls:
             try:
                 self.client.destroy_weights_update_group(url, self.group_name)
             except Exception as exc:  # noqa: BLE001 - a dead server cannot be told

@@ -132,3 +132,25 @@ def test_api_key_is_sglangs_bearer_header(tiny):
         client.close()
     finally:
         handle.shutdown()
+
+
+def test_dead_server_leaves_rotation_and_load_decides_the_split(tiny, servers, caplog):
+    spare = start_server_in_thread(tiny.path, num_threads=1)
+    urls = [servers[0].url, spare.url]
+    client = SGLangClient(urls, max_retries=0, connect_timeout=2)
+    whole = SGLangClient([servers[0].url]).generate(PROMPTS, SEEDED)
+    # load: a server with prompts in flight gets a smaller share
+    client._in_flight[spare.url] = 3
+    assert [hi - lo for _, lo, hi in client._split(len(PROMPTS))] == [6, 1]
+    client._in_flight[spare.url] = 0
+    spare.shutdown()  # nothing listens there any more
+    with caplog.at_level("WARNING"):
+        out = client.generate(PROMPTS, SEEDED)
+    assert [r["output_ids"] for r in out] == [r["output_ids"] for r in whole]  # same order, same samples
+    assert client.live_urls == [servers[0].url] and spare.url in client.dead
+    assert any("taken out of rotation" in r.message and spare.url in r.message for r in caplog.records)
+    assert list(client.get_weight_version()) == [servers[0].url]  # control calls skip it too
+    calls = servers[0].rollout.generate_calls
+    client.generate(PROMPTS[:2], SEEDED)
+    assert servers[0].rollout.generate_calls == calls + 1
+    client.close()
