@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 import requests
 import torch
 
+from . import openai_api
 from .engine import PAUSE_MODES, Engine, Request
 from .sampling import SamplingParams, SamplingParamsError
 from .weight_update import WeightUpdater
@@ -163,6 +164,9 @@ class RolloutServer:
             "/update_weights_from_disk": self.update_weights_from_disk,
             "/destroy_weights_update_group": self.destroy_weights_update_group,
             "/release_memory_occupation": self.memory_occupation, "/resume_memory_occupation": self.memory_occupation,
+            "/v1/models": lambda body: openai_api.models(self, body),
+            "/v1/completions": lambda body: openai_api.completions(self, body),
+            "/v1/chat/completions": lambda body: openai_api.chat_completions(self, body),
         }
 
     def shutdown(self) -> None:
@@ -533,7 +537,23 @@ class _Handler(BaseHTTPRequestHandler):
             status, content = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": {"message": f"{type(exc).__name__}: {exc}"}}
         self._send(status, content)
 
+    def _send_stream(self, status, chunks):
+        self.close_connection = True  # the end of the body is the end of the connection
+        try:
+            self.send_response(int(status))
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away during the %s stream", self.path)
+
     def _send(self, status, content):
+        if hasattr(content, "__next__"):  # server-sent events, written as they are produced
+            return self._send_stream(status, content)
         if isinstance(content, str):
             data, ctype = content.encode(), "text/plain; charset=utf-8"
         else:
