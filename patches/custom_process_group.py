@@ -115,6 +115,22 @@ def init_custom_process_group(
     return pg
 
 
+def abort_custom_process_group(group: dist.ProcessGroup) -> None:
+    """Abandon every collective still pending on `group` (it is unusable afterwards).
+
+    A peer that refused a weight update before receiving its broadcast leaves the sender's
+    broadcast pending until the group timeout; `ProcessGroup.abort()` (torch 2.13.0, run
+    here) drops it at once, so the caller can report
+    the peer's error instead of waiting. Destroy it afterwards as usual.
+    """
+    abort = getattr(group, "abort", None)
+    if abort is None:
+        raise TorchInternalsChangedError(
+            f"torch {torch.__version__}: ProcessGroup has no abort(); abort_custom_process_group was checked "
+            f"against {CHECKED}")
+    abort()
+
+
 def destroy_custom_process_group(group: dist.ProcessGroup) -> None:
     """Tear down a group made by `init_custom_process_group`; the default group is untouched."""
     if group is None or group is c10d.GroupMember.WORLD:

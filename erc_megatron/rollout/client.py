@@ -16,6 +16,7 @@ a thread (`submit`) while it joins the group / broadcasts.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -61,7 +62,7 @@ class SGLangClient:
     """HTTP client for one or more rollout servers (or a single router URL)."""
 
     def __init__(self, urls: list[str] | str, timeout: float = 3600.0, max_retries: int = 3,
-                 backoff: float = 0.5, connect_timeout: float = 10.0):
+                 backoff: float = 0.5, connect_timeout: float = 10.0, api_key: str | None = None):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
@@ -73,7 +74,44 @@ class SGLangClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self._session = requests.Session()
+        if api_key:  # SGLang's --api-key
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sglang-client")  # for submit()
+        self._lock = threading.Lock()
+        self._in_flight = {u: 0 for u in self.urls}  # prompts sent and not yet answered, per server
+        self.dead: dict[str, str] = {}  # servers taken out of rotation -> why
+
+    @property
+    def live_urls(self) -> list[str]:
+        """Servers still in rotation (all of them until one fails after its retries)."""
+        with self._lock:
+            return [u for u in self.urls if u not in self.dead]
+
+    def mark_dead(self, url: str, why: str) -> None:
+        with self._lock:
+            if url in self.dead:
+                return
+            self.dead[url] = why
+            left = [u for u in self.urls if u not in self.dead]
+        log.warning("rollout server %s taken out of rotation (%s); %d left: %s", url, why, len(left), left)
+
+    def _split(self, num: int) -> list[tuple[str, int, int]]:
+        """Contiguous chunks over the live servers, sized inversely to the prompts each has in flight."""
+        urls = self.live_urls
+        if not urls:
+            raise SGLangError(",".join(self.urls), "/generate", f"no rollout server left in rotation: {self.dead}")
+        with self._lock:
+            weights = [1.0 / (1 + self._in_flight[u]) for u in urls]
+        shares = [num * w / sum(weights) for w in weights]
+        sizes = [int(x) for x in shares]
+        for k in sorted(range(len(urls)), key=lambda k: sizes[k] - shares[k])[:num - sum(sizes)]:
+            sizes[k] += 1
+        chunks, lo = [], 0
+        for url, size in zip(urls, sizes):
+            if size:
+                chunks.append((url, lo, lo + size))
+                lo += size
+        return chunks
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -126,7 +164,7 @@ class SGLangClient:
             return list(pool.map(fn, items))
 
     def _on_all(self, fn, urls: list[str] | None = None) -> dict[str, object]:
-        urls = [u.rstrip("/") for u in (urls or self.urls)]
+        urls = [u.rstrip("/") for u in (urls or self.live_urls)]
         return dict(zip(urls, self._fanout(fn, urls)))
 
     # ----------------------------------------------------------------- generation
@@ -172,17 +210,27 @@ class SGLangClient:
         if len(ns) != 1:
             raise ValueError(f"sampling_params must use one n for the whole batch, got {sorted(ns)}")
         n = ns.pop()
-        # Contiguous chunks, sizes differing by at most one, in URL order.
-        servers = min(len(self.urls), num)
-        bounds = [num * k // servers for k in range(servers + 1)]
-        chunks = [(self.urls[k], bounds[k], bounds[k + 1]) for k in range(servers)]
+        chunks = self._split(num)
 
         def run(chunk):
             url, lo, hi = chunk
             payload = {"input_ids": prompts_input_ids[lo:hi],
                        "sampling_params": sampling_params[lo:hi] if per_prompt else sampling_params,
                        "return_logprob": return_logprob, **fields}
-            out = self._json(url, "/generate", payload)
+            with self._lock:
+                self._in_flight[url] += hi - lo
+            try:
+                out = self._json(url, "/generate", payload)
+            except SGLangError as exc:
+                if exc.status is not None and exc.status < 500 or len(self.live_urls) <= 1:
+                    raise  # the request itself is refused, or there is nowhere else to send it
+                # the server is gone or failing: out of rotation, its prompts go to the others
+                self.mark_dead(url, exc.message)
+                # generate() of the sub-batch answers sample-major over it: what this server would have sent
+                return self.generate(prompts_input_ids[lo:hi], payload["sampling_params"], return_logprob, **fields)
+            finally:
+                with self._lock:
+                    self._in_flight[url] -= hi - lo
             if not isinstance(out, list) or len(out) != (hi - lo) * n:
                 raise SGLangError(url, "/generate", f"expected a list of {(hi - lo) * n} results, got "
                                   f"{type(out).__name__} of {len(out) if isinstance(out, list) else '?'}")

@@ -62,6 +62,8 @@ class Request:
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[tuple[list[float], list[int]] | None] = field(default_factory=list)
     finish_reason: dict | None = None
+    num_retractions: int = 0
+    """Times /pause_generation mode=retract sent it back to the queue (SGLang's meta_info field)."""
     error: str | None = None
     created: float = field(default_factory=time.perf_counter)
     finished_at: float | None = None
@@ -157,6 +159,8 @@ class Engine:
                 return self._abort_matching(lambda r: True, "Aborted by /pause_generation")
             if mode == "retract":
                 rows = self._rows
+                for req in rows:
+                    req.num_retractions += 1
                 self._rows, self._cache, self._mask = [], None, None
                 with self._cond:
                     self._waiting.extendleft(reversed(rows))

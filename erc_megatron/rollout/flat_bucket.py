@@ -23,14 +23,36 @@ def bucket_nbytes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> int:
 
 
 def flatten_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The uint8 buffer a sender broadcasts for `tensors` (in the order of the request's names)."""
+    """The uint8 buffer a sender broadcasts for `tensors` (in the order of the request's names).
+
+    Tensors that already lie back to back in one storage (a bucket received from another
+    pipeline stage) are viewed, not copied.
+    """
     if not tensors:
         raise ValueError("cannot flatten an empty bucket")
+    view = _adjacent_bytes(tensors)
+    if view is not None:
+        return view
     return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
 
 
+def _adjacent_bytes(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    first = tensors[0].detach()
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != end:
+            return None
+        end += t.numel() * t.element_size()
+    if end == first.data_ptr():
+        return None
+    return torch.as_strided(first.reshape(-1).view(torch.uint8) if first.numel() else first.view(torch.uint8),
+                            (end - first.data_ptr(),), (1,))
+
+
 def unflatten_tensors(buffer: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[torch.Tensor]:
-    """Cut a received uint8 buffer back into tensors (copies, so each is correctly aligned)."""
+    """Cut a received uint8 buffer back into tensors: views where the byte offset suits the
+    dtype's alignment, copies where it does not (mixed dtypes)."""
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise ValueError(f"a flattened bucket is a 1-D uint8 tensor, got {buffer.dtype} {tuple(buffer.shape)}")
     expected = bucket_nbytes(dtypes, shapes)
@@ -39,6 +61,10 @@ def unflatten_tensors(buffer: torch.Tensor, dtypes: list[torch.dtype], shapes: l
     out, offset = [], 0
     for dtype, shape in zip(dtypes, shapes, strict=True):
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out.append(buffer[offset:offset + nbytes].clone().view(dtype).reshape(shape))
+        piece = buffer[offset:offset + nbytes]
+        element = torch.empty((), dtype=dtype).element_size()
+        if (buffer.data_ptr() + offset) % element:
+            piece = piece.clone()
+        out.append(piece.view(dtype).reshape(shape))
         offset += nbytes
     return out

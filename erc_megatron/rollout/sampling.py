@@ -99,7 +99,8 @@ class SamplingParams:
                 if value is not None:  # SGLang treats null as "use the default"
                     kwargs[key] = value
             elif key in _UNSUPPORTED_UNLESS_DEFAULT:
-                if value is not None and value != _UNSUPPORTED_UNLESS_DEFAULT[key]:
+                # SGLang's own front-end sends empty lists / dicts for "none" (e.g. stop_regex=[])
+                if value is not None and value != _UNSUPPORTED_UNLESS_DEFAULT[key] and value not in ([], {}):
                     raise SamplingParamsError(
                         f"sampling_params.{key}={value!r} is not supported by the embedded rollout server "
                         f"(only the default {_UNSUPPORTED_UNLESS_DEFAULT[key]!r}); use a real SGLang server")

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from urllib.parse import urlparse
 import requests
 import torch
 
+from . import openai_api
 from .engine import PAUSE_MODES, Engine, Request
 from .sampling import SamplingParams, SamplingParamsError
 from .weight_update import WeightUpdater
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SERVER_VERSION = "erc-megatron-embedded-0.1"
 _READY_LINE = "erc-megatron serve: listening on "
+API_KEY_ENV = "ERC_MEGATRON_API_KEY"  # lets a parent pass the key without putting it on a command line
 _MISSING = object()
 
 # GenerateReqInput fields the embedded server accepts only at their default value.
@@ -86,6 +89,9 @@ class ServerArgs:
     """Timeout of the weight-update process group (rendezvous and broadcasts)."""
     num_threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    api_key: str | None = None
+    """SGLang's --api-key: every endpoint but /health*, /ready*, /metrics* then needs the header
+    `Authorization: Bearer <key>` (401 {"error": "Unauthorized"} otherwise)."""
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_path):
@@ -99,6 +105,8 @@ class ServerArgs:
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         self.tokenizer_path = self.tokenizer_path or self.model_path
+        if self.api_key == "":
+            raise ValueError("api_key must be a non-empty string or None")
 
 
 class BadRequest(ValueError):
@@ -141,6 +149,7 @@ class RolloutServer:
         self.engine = Engine(model, self.tokenizer, eos, args.max_running_requests, args.return_original_logprob)
         self.updater = WeightUpdater(self.engine, timedelta(seconds=args.weight_update_timeout_s))
         self.weight_version = args.weight_version
+        self._staged_version: str | None = None
         self.generate_calls = 0
         self.routes = {
             "/generate": self.generate,
@@ -155,6 +164,9 @@ class RolloutServer:
             "/update_weights_from_disk": self.update_weights_from_disk,
             "/destroy_weights_update_group": self.destroy_weights_update_group,
             "/release_memory_occupation": self.memory_occupation, "/resume_memory_occupation": self.memory_occupation,
+            "/v1/models": lambda body: openai_api.models(self, body),
+            "/v1/completions": lambda body: openai_api.completions(self, body),
+            "/v1/chat/completions": lambda body: openai_api.chat_completions(self, body),
         }
 
     def shutdown(self) -> None:
@@ -283,6 +295,8 @@ class RolloutServer:
             "completion_tokens": len(req.output_ids),
             "cached_tokens": 0,
             "weight_version": self.weight_version,
+            "num_retractions": req.num_retractions,
+            "reasoning_tokens": 0,
         }
         if req.return_logprob:
             with_text = bool(body.get("return_text_in_logprobs")) and self.tokenizer is not None
@@ -365,8 +379,14 @@ class RolloutServer:
         return HTTPStatus.OK, {"success": True, "message": f"Weight version updated to {new_version}",
                                "new_version": new_version}
 
+    def _commit_staged(self) -> None:
+        """Weights staged by flush_cache=false updates go live (with their version) at the latest here."""
+        if self.updater.commit_staged() and self._staged_version is not None:
+            self.weight_version, self._staged_version = self._staged_version, None
+
     def flush_cache(self, body: dict):
         # Nothing is cached across requests here; like SGLang, refuse while requests are in flight.
+        self._commit_staged()
         ok = self.engine.num_requests() == 0
         text = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
                 "waiting requests, the operation will not be performed.)\n")
@@ -381,6 +401,7 @@ class RolloutServer:
         return HTTPStatus.OK, {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, body: dict):
+        self._commit_staged()
         self.engine.resume()
         log.info("generation continued")
         return HTTPStatus.OK, {"message": "Generation continued successfully.", "status": "ok"}
@@ -411,10 +432,11 @@ class RolloutServer:
         if _field(body, "abort_all_requests", bool, False):
             self.engine.abort(abort_all=True, message="Aborted for a weight update")
         started = time.perf_counter()
+        commit = _field(body, "flush_cache", bool, True)
         ok, message = self.updater.update_from_distributed(
             names, dtypes, shapes, group_name=_field(body, "group_name", str, "weight_update_group"),
-            load_format=_field(body, "load_format", str, None))
-        return self._after_update(ok, message, version, f"{len(names)} tensors from distributed", started)
+            load_format=_field(body, "load_format", str, None), commit=commit)
+        return self._after_update(ok, message, version, f"{len(names)} tensors from distributed", started, commit)
 
     def update_weights_from_disk(self, body: dict):
         model_path = _field(body, "model_path", str)
@@ -429,12 +451,22 @@ class RolloutServer:
         return status, {**content, "num_paused_requests": 0}
 
     def destroy_weights_update_group(self, body: dict):
+        self._staged_version = None
         return _result(*self.updater.destroy_group(_field(body, "group_name", str, "weight_update_group")))
 
-    def _after_update(self, ok: bool, message: str, version: str | None, what: str, started: float):
-        if ok and version is not None:
-            self.weight_version = version
-            message += f" Weight version updated to {version}."
+    def _after_update(self, ok: bool, message: str, version: str | None, what: str, started: float,
+                      commit: bool = True):
+        if not ok:
+            self._staged_version = None
+        elif not commit:
+            # the version goes live with the staged weights, never before them
+            self._staged_version = version if version is not None else self._staged_version
+        else:
+            version = version if version is not None else self._staged_version
+            self._staged_version = None
+            if version is not None:
+                self.weight_version = version
+                message += f" Weight version updated to {version}."
         log.log(logging.INFO if ok else logging.ERROR, "weight update (%s) %s in %.3fs: %s",
                 what, "succeeded" if ok else "FAILED", time.perf_counter() - started, message)
         return _result(ok, message)
@@ -472,11 +504,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_POST
 
+    def _authorized(self, path: str) -> bool:
+        """SGLang's rule (sglang.srt.utils.auth.decide_request_auth, 0.5.23) for its NORMAL and
+        ADMIN_OPTIONAL endpoints with only api_key set: probes are open, the rest need the key."""
+        key = self.rollout.args.api_key
+        if key is None or path.startswith(("/health", "/ready", "/metrics")):
+            return True
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), key.encode())
+
     def _dispatch(self):
         path = urlparse(self.path).path
         route = self.rollout.routes.get(path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if not self._authorized(path):
+            return self._send(HTTPStatus.UNAUTHORIZED, {"error": "Unauthorized"})
         if route is None:
             return self._send(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
         try:
@@ -494,7 +537,23 @@ class _Handler(BaseHTTPRequestHandler):
             status, content = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": {"message": f"{type(exc).__name__}: {exc}"}}
         self._send(status, content)
 
+    def _send_stream(self, status, chunks):
+        self.close_connection = True  # the end of the body is the end of the connection
+        try:
+            self.send_response(int(status))
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away during the %s stream", self.path)
+
     def _send(self, status, content):
+        if hasattr(content, "__next__"):  # server-sent events, written as they are produced
+            return self._send_stream(status, content)
         if isinstance(content, str):
             data, ctype = content.encode(), "text/plain; charset=utf-8"
         else:
@@ -639,6 +698,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timeout of the weight-update process group (rendezvous and broadcasts)")
     parser.add_argument("--num-threads", type=int, default=d["num_threads"],
                         help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help="require `Authorization: Bearer KEY` (SGLang's flag; default: $" + API_KEY_ENV + ")")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -648,7 +709,10 @@ def run(args: argparse.Namespace) -> int:
         model_path=args.model_path, tokenizer_path=args.tokenizer_path, host=args.host, port=args.port,
         seed=args.seed, max_running_requests=args.max_running_requests, weight_version=args.weight_version,
         return_original_logprob=args.return_original_logprob,
-        weight_update_timeout_s=args.weight_update_timeout_s, num_threads=args.num_threads)
+        weight_update_timeout_s=args.weight_update_timeout_s, num_threads=args.num_threads, api_key=args.api_key)
+    if server_args.api_key is None and server_args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --api-key: anyone who can reach it can replace the weights",
+                    server_args.host)
     rollout = RolloutServer(server_args)
     http = make_http_server(rollout)
     host, port = http.server_address[:2]

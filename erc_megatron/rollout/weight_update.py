@@ -8,6 +8,12 @@ name is bad, while here every tensor of a call is received first, all names / sh
 validated against the model's state dict, and only then is everything copied in, between two
 engine steps. A call either changes every named tensor or none.
 
+Multi-bucket updates are atomic too: a call with `flush_cache=false` (the learner sends every
+bucket but the last so) is validated and staged, and the staged tensors are copied in together
+with the first call that has `flush_cache=true` (SGLang's default), or at `/flush_cache` or
+`/continue_generation`. A refused call drops everything staged, so after a failed sync the model
+holds all old weights, never a mix. (An SGLang server applies each call at once.)
+
 The broadcast is received even when validation will fail (unknown name, wrong shape), so the
 learner's matching broadcast completes instead of hanging; only requests that cannot be received
 at all (unknown group, unparseable dtype or shape, mismatched list lengths) return before it.
@@ -58,6 +64,8 @@ class WeightUpdater:
             storage.setdefault(tensor.data_ptr(), []).append(name)
         # Names that alias one tensor, e.g. lm_head.weight and model.embed_tokens.weight when tied.
         self._aliases = {name: names for names in storage.values() if len(names) > 1 for name in names}
+        self._staged: dict[str, torch.Tensor] = {}
+        self._staged_lock = threading.Lock()
 
     @property
     def group_names(self) -> list[str]:
@@ -85,6 +93,7 @@ class WeightUpdater:
             return False, f"Failed to initialize custom process group: {type(exc).__name__}: {exc}."
         with self._groups_lock:
             self._groups[group_name] = (group, backend)
+        self.drop_staged("a new weight update group")
         log.info("weight update group %r ready: rank %d of %d via %s:%s (%s)",
                  group_name, rank, world_size, master_address, master_port, backend)
         return True, "Succeeded to initialize custom process group."
@@ -94,6 +103,7 @@ class WeightUpdater:
             entry = self._groups.pop(group_name, None)
         if entry is None:
             return False, f"The group to be destroyed ({group_name!r}) does not exist."
+        self.drop_staged("the weight update group was destroyed")
         try:
             destroy_custom_process_group(entry[0])
         except Exception as exc:  # noqa: BLE001
@@ -103,37 +113,50 @@ class WeightUpdater:
     # ----------------------------------------------------------------- updates
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 group_name: str = "weight_update_group",
-                                load_format: str | None = None) -> tuple[bool, str]:
+                                load_format: str | None = None, commit: bool = True) -> tuple[bool, str]:
+        problem = self._check_request(names, dtypes, shapes, group_name, load_format)
+        if isinstance(problem, str):
+            self.drop_staged("a request was refused")
+            return False, problem
+        entry, torch_dtypes, shapes = problem
+        group, backend = entry
+        device = "cuda" if backend == "nccl" else "cpu"
+        try:
+            if load_format == "flattened_bucket":
+                buffer = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8, device=device)
+                dist.broadcast(buffer, src=0, group=group)
+                tensors = unflatten_tensors(buffer.cpu(), torch_dtypes, shapes)
+            else:
+                tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in zip(torch_dtypes, shapes)]
+                handles = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+                for handle in handles:
+                    handle.wait()
+                tensors = [t.cpu() for t in tensors]
+        except Exception as exc:  # noqa: BLE001 - the sender went away or aborted the group
+            self.drop_staged("the broadcast failed")
+            return False, f"Failed to update parameter online: the broadcast failed: {type(exc).__name__}: {exc}"
+        return self.apply(list(zip(names, tensors)), commit=commit)
+
+    def _check_request(self, names, dtypes, shapes, group_name, load_format):
+        """(group entry, torch dtypes, int shapes), or the refusal message; nothing is received yet."""
         with self._groups_lock:
             entry = self._groups.get(group_name)
         if entry is None:
-            return False, (f"Group {group_name!r} not in {self.group_names}. "
-                           "Please call `init_weights_update_group` first.")
+            return (f"Group {group_name!r} not in {self.group_names}. "
+                    "Please call `init_weights_update_group` first.")
         if load_format not in LOAD_FORMATS_DISTRIBUTED:
-            return False, f"load_format must be one of {LOAD_FORMATS_DISTRIBUTED}, got {load_format!r}"
+            return f"load_format must be one of {LOAD_FORMATS_DISTRIBUTED}, got {load_format!r}"
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) \
                 or not len(names) == len(dtypes) == len(shapes) or not names:
-            return False, "names, dtypes and shapes must be non-empty lists of the same length"
+            return "names, dtypes and shapes must be non-empty lists of the same length"
         try:
             torch_dtypes = [parse_dtype(d) for d in dtypes]
             shapes = [[int(s) for s in shape] for shape in shapes]
             if any(s < 0 for shape in shapes for s in shape):
                 raise ValueError(f"shapes must be non-negative, got {shapes}")
         except (TypeError, ValueError) as exc:
-            return False, f"Failed to update parameter online: {exc}"
-        group, backend = entry
-        device = "cuda" if backend == "nccl" else "cpu"
-        if load_format == "flattened_bucket":
-            buffer = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8, device=device)
-            dist.broadcast(buffer, src=0, group=group)
-            tensors = unflatten_tensors(buffer.cpu(), torch_dtypes, shapes)
-        else:
-            tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in zip(torch_dtypes, shapes)]
-            handles = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
-            for handle in handles:
-                handle.wait()
-            tensors = [t.cpu() for t in tensors]
-        return self.apply(list(zip(names, tensors)))
+            return f"Failed to update parameter online: {exc}"
+        return entry, torch_dtypes, shapes
 
     def update_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str]:
         if load_format not in LOAD_FORMATS_DISK:
@@ -151,15 +174,43 @@ class WeightUpdater:
             return False, f"Failed to update weights: cannot read {model_path!r}: {exc}"
         return self.apply(named)
 
-    def apply(self, named: list[tuple[str, torch.Tensor]]) -> tuple[bool, str]:
-        """Validate every (HF name, tensor), then copy all of them in between two engine steps."""
+    def apply(self, named: list[tuple[str, torch.Tensor]], commit: bool = True) -> tuple[bool, str]:
+        """Validate every (HF name, tensor); stage them, or with `commit` copy them and everything
+        staged before into the model between two engine steps. A refusal drops the staged ones."""
         problems = self._validate(named)
         if problems:
-            return False, "Failed to update weights, nothing was changed: " + "; ".join(problems)
-        with self.engine.exclusive(), torch.no_grad():
-            for name, tensor in named:
-                self._targets[name].data.copy_(tensor)
-        return True, "Succeeded to update parameter online."
+            dropped = self.drop_staged("a bucket was refused")
+            return False, ("Failed to update weights, nothing was changed" +
+                           (f" (the {dropped} tensors staged by earlier calls were dropped)" if dropped else "") +
+                           ": " + "; ".join(problems))
+        with self._staged_lock:
+            self._staged.update(named)
+            if not commit:
+                return True, f"Succeeded to update parameter online ({len(named)} tensors staged until the last bucket)."
+        applied = self.commit_staged()
+        return True, f"Succeeded to update parameter online ({applied} tensors applied)."
+
+    def commit_staged(self) -> int:
+        """Copy every staged tensor into the model at once; returns how many."""
+        with self._staged_lock:
+            staged, self._staged = self._staged, {}
+        if staged:
+            with self.engine.exclusive(), torch.no_grad():
+                for name, tensor in staged.items():
+                    self._targets[name].data.copy_(tensor)
+        return len(staged)
+
+    def drop_staged(self, why: str) -> int:
+        with self._staged_lock:
+            count, self._staged = len(self._staged), {}
+        if count:
+            log.warning("dropped %d staged tensors: %s", count, why)
+        return count
+
+    @property
+    def num_staged(self) -> int:
+        with self._staged_lock:
+            return len(self._staged)
 
     def _validate(self, named: list[tuple[str, torch.Tensor]]) -> list[str]:
         problems = []

@@ -23,12 +23,14 @@ Each sync (collective over every learner rank):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+import queue
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, wait
 
 import torch
 import torch.distributed as dist
@@ -65,6 +67,73 @@ def _in_daemon_thread(fn, *args, **kwargs) -> Future:
     return future
 
 
+def _is_rejection(exc: BaseException) -> bool:
+    """A server's 4xx answer (bad names, dtypes, shapes): the same request would fail again."""
+    from erc_megatron.rollout.client import SGLangError
+
+    return isinstance(exc, SGLangError) and exc.status is not None and 400 <= exc.status < 500
+
+
+class _Prefetch:
+    """Iterates `buckets` in a background thread, one bucket ahead of the consumer.
+
+    Yields (names, dtypes, shapes, flat uint8 buffer, CUDA event or None). On CUDA the producer
+    works on its own stream and records an event per bucket; the consumer makes its stream wait
+    on that event before the broadcast reads the buffer.
+    """
+
+    _END = object()
+
+    def __init__(self, buckets, cuda: bool = False, ahead: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._error: BaseException | None = None
+        self.waited_s = 0.0
+        self._thread = threading.Thread(target=self._produce, args=(buckets, cuda), name="weight-sync-gather",
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self, buckets, cuda: bool) -> None:
+        from erc_megatron.rollout.flat_bucket import flatten_tensors
+
+        stream = torch.cuda.Stream() if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for bucket in buckets:  # always to the end: the other ranks wait in these gathers
+                    if self._error is not None:
+                        continue
+                    try:
+                        tensors = [t.detach() for _, t in bucket]
+                        flat = flatten_tensors(tensors)
+                        ready = None
+                        if cuda:
+                            ready = torch.cuda.Event()
+                            ready.record(stream)
+                        item = ([n for n, _ in bucket], [t.dtype for t in tensors], [list(t.shape) for t in tensors],
+                                flat, ready)
+                    except Exception as exc:  # noqa: BLE001 - re-raised by join()
+                        self._error = exc
+                        continue
+                    self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - a failed gather; re-raised by join()
+            self._error = self._error or exc
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.waited_s += time.perf_counter() - t0
+            if item is self._END:
+                return
+            yield item
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class RolloutServers:
     """The servers rank 0 talks to; owns the embedded server process when it started one."""
 
@@ -95,10 +164,16 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
         if log_path:
             os.makedirs(log_dir, exist_ok=True)
         # one thread: the learner ranks share the same cores
+        env = None
+        if rc.api_key:
+            from erc_megatron.rollout.server import API_KEY_ENV
+
+            env = {**os.environ, API_KEY_ENV: rc.api_key}
         process = launch_server_process(cfg.model.path, seed=rc.embedded_seed, startup_timeout=rc.startup_timeout_s,
-                                        log_path=log_path, extra_args=["--num-threads", str(rc.embedded_threads)])
+                                        log_path=log_path, extra_args=["--num-threads", str(rc.embedded_threads)],
+                                        env=env)
         urls = [process.url]
-    client = SGLangClient(urls, timeout=rc.request_timeout_s, max_retries=rc.max_retries)
+    client = SGLangClient(urls, timeout=rc.request_timeout_s, max_retries=rc.max_retries, api_key=rc.api_key)
     try:
         client.wait_healthy(rc.startup_timeout_s)
     except Exception:
@@ -125,30 +200,34 @@ class WeightSync:
         self.group = None
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.last_bytes = 0
+        self._urls: list[str] = []  # the servers in the current weight-update group
+        self.last_gather_wait_s = 0.0
+        """Seconds rank 0 waited for the next bucket to be gathered in the last sync (not hidden by overlap)."""
         self.timeout_s = timeout_s
 
     # ------------------------------------------------------------------ set-up (rank 0)
     def _server_gpus(self) -> list[int]:
         info = self.client.get_server_info()
-        return [int(info[u].get("tp_size", 1) or 1) * int(info[u].get("dp_size", 1) or 1) for u in self.client.urls]
+        return [int(info[u].get("tp_size", 1) or 1) * int(info[u].get("dp_size", 1) or 1) for u in self._urls]
 
     def _connect(self) -> None:
         from erc_megatron.patches.custom_process_group import init_custom_process_group
         from erc_megatron.rollout.client import SGLangError
 
+        self._urls = self.client.live_urls
         gpus = self._server_gpus()
         world = 1 + sum(gpus)
-        addr, port = _local_address(self.client.urls), _free_port()
+        addr, port = _local_address(self._urls), _free_port()
         # A server still holding this group (its learner died, or this one was restarted) refuses a
         # new one of the same name: clear it first; "does not exist" is the normal answer.
-        for url in self.client.urls:
+        for url in self._urls:
             try:
                 self.client.destroy_weights_update_group(url, self.group_name)
             except SGLangError:
                 pass
         futures = []
         offset = 1
-        for url, n in zip(self.client.urls, gpus):
+        for url, n in zip(self._urls, gpus):
             futures.append(self.client.submit(self.client.init_weights_update_group, url, addr, port, offset, world,
                                               self.group_name, self.backend))
             offset += n
@@ -166,61 +245,124 @@ class WeightSync:
         log.info("weight update group %s: %d servers, world %d via %s:%d", self.group_name, len(gpus), world, addr, port)
 
     # ------------------------------------------------------------------ one attempt
-    def _attempt(self, version: int) -> tuple[bool, str]:
-        from erc_megatron.rollout.flat_bucket import flatten_tensors
+    def _attempt(self, version: int) -> tuple[bool, str, bool]:
+        """One whole update; returns (ok, error, worth retrying)."""
         from erc_megatron.weights.hf_stream import iter_hf_weights, plan_hf_buckets
         from megatron.core import parallel_state as ps
 
-        ok, error, sent = True, "", 0
         total = sum(len(s) for s in plan_hf_buckets(self.model_cfg, ps.get_pipeline_model_parallel_world_size(),
                                                     self.bucket_bytes, self.dtype))
-        if self.rank == 0:
-            try:
-                if self.group is None:
-                    self._connect()
-                self.client.pause_generation()
-                self.client.flush_cache()
-            except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
-                ok, error = False, f"{type(exc).__name__}: {exc}"
+        buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
+                                  destination="rank0")
+        if self.rank != 0:
+            for _ in buckets:  # other ranks only take part in the gathers
+                pass
+            return True, "", True
+        ok, error, retry, sent = True, "", True, 0
+        self.last_gather_wait_s = 0.0
+        try:
+            if self.group is not None and self._urls != self.client.live_urls:
+                self._reset_group()  # a server left the rotation: the group is rebuilt without it
+            if self.group is None:
+                self._connect()
+            self.client.pause_generation()
+            self.client.flush_cache()
+        except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+            self._retire_if_gone(exc)
+        # The next bucket is gathered (TP all-gathers, the hop from later stages, flattening) in a
+        # thread while this one is announced and broadcast; after a failure the rest are still
+        # gathered, because the other ranks take part in those collectives.
+        prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
         index = 0
-        for bucket in iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
-                                      destination="rank0"):
+        for names, dtypes, shapes, flat, ready in prefetch:
             index += 1
-            if self.rank != 0 or not ok:
-                continue  # other ranks only take part in the gathers; after a failure rank 0 drains
+            if not ok:
+                continue
             try:
-                names = [n for n, _ in bucket]
-                tensors = [t.detach() for _, t in bucket]
-                flat = flatten_tensors(tensors)
-                futures = [self.client.submit(
-                    self.client.update_weights_from_distributed, url, names, [t.dtype for t in tensors],
-                    [list(t.shape) for t in tensors], self.group_name,
-                    str(version) if index == total else None, "flattened_bucket", index == total)
-                    for url in self.client.urls]
-                dist.broadcast(flat, src=0, group=self.group)
-                for f in futures:
-                    f.result()
-                sent += flat.numel() * flat.element_size()
+                if ready is not None:  # gathered on the producer's CUDA stream
+                    torch.cuda.current_stream().wait_event(ready)
+                    flat.record_stream(torch.cuda.current_stream())
+                last = index == total
+                self._send_bucket(names, dtypes, shapes, flat, str(version) if last else None, last)
+                sent += flat.numel()
             except Exception as exc:  # noqa: BLE001
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-        if self.rank == 0:
-            try:
-                self.client.continue_generation()
-            except Exception as exc:  # noqa: BLE001
-                ok, error = ok and False, error or f"{type(exc).__name__}: {exc}"
-            self.last_bytes = sent
-        return ok, error
+                ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
+                self._retire_if_gone(exc)
+        self.last_gather_wait_s = prefetch.waited_s
+        try:
+            prefetch.join()
+            if ok and index != total:
+                raise RuntimeError(f"the learner produced {index} buckets, the plan has {total}")
+        except Exception as exc:  # noqa: BLE001
+            ok, error = False, error or f"{type(exc).__name__}: {exc}"
+        if not ok:
+            # before generation continues: tearing the group down makes the embedded server drop the
+            # buckets it staged, so it keeps all old weights
+            self._reset_group()
+        try:
+            self.client.continue_generation()
+        except Exception as exc:  # noqa: BLE001
+            ok, error = False, error or f"{type(exc).__name__}: {exc}"
+        self.last_bytes = sent
+        return ok, error, retry
+
+    def _send_bucket(self, names, dtypes, shapes, flat: torch.Tensor, version: str | None, last: bool) -> None:
+        """Announce one bucket to every server and broadcast it; a server's refusal ends it at once.
+
+        A server may refuse before it receives anything (SGLang parses dtypes before its
+        broadcast), which would leave this broadcast waiting for the group timeout: the answers
+        are watched while it runs, and a refusal aborts the group, so the caller reports the
+        server's message within seconds and the group is rebuilt for the next sync.
+        """
+        futures = [self.client.submit(self.client.update_weights_from_distributed, url, names, dtypes, shapes,
+                                      self.group_name, version, "flattened_bucket", last)
+                   for url in self._urls]
+        work = dist.broadcast(flat, src=0, group=self.group, async_op=True)
+        deadline = time.monotonic() + self.timeout_s
+        pending = set(futures)
+        while not work.is_completed():
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed or time.monotonic() > deadline:
+                self._abort_group()
+                if failed:
+                    raise failed[0].exception()
+                raise TimeoutError(f"broadcast of {flat.numel()} bytes to {self._urls} not done within "
+                                   f"{self.timeout_s:.0f}s")
+            if pending:
+                wait(pending, timeout=0.002, return_when=FIRST_COMPLETED)
+                pending = {f for f in pending if not f.done()}
+            else:
+                time.sleep(0.001)
+        work.wait()
+        for f in futures:
+            f.result(timeout=max(1.0, deadline - time.monotonic()))
+
+    def _retire_if_gone(self, exc: BaseException) -> None:
+        """A server that cannot be reached (or answers 5xx) leaves the rotation while others remain;
+        the next attempt then updates the rest. The last server is never retired: its error is reported."""
+        from erc_megatron.rollout.client import SGLangError
+
+        if isinstance(exc, SGLangError) and (exc.status is None or exc.status >= 500) \
+                and exc.url in self.client.urls and len(self.client.live_urls) > 1:
+            self.client.mark_dead(exc.url, f"weight sync: {exc.message}")
+
+    def _abort_group(self) -> None:
+        from erc_megatron.patches.custom_process_group import abort_custom_process_group
+
+        if self.group is not None:
+            abort_custom_process_group(self.group)
 
     def sync(self, version: int) -> None:
         error, urls = "", []
         for attempt in range(1, self.max_attempts + 1):
             t0 = time.perf_counter()
-            ok, error = self._attempt(version)
+            ok, error, retry = self._attempt(version)
             # rank 0 alone talks to the servers: every rank learns the outcome, the cause and the servers
-            outcome = [(ok, error, list(getattr(self.client, "urls", [])))]
+            outcome = [(ok, error, retry, list(getattr(self.client, "urls", [])))]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast_object_list(outcome, src=0)
-            ok, error, urls = outcome[0]
+            ok, error, retry, urls = outcome[0]
             if ok:
                 if self.rank == 0:
                     log.info("weight sync v%d: %.1f MB in %.2fs", version, self.last_bytes / 2**20,
@@ -231,6 +373,11 @@ class WeightSync:
                 print(f"[erc-megatron] weight sync v{version} attempt {attempt}/{self.max_attempts} failed: {error}",
                       flush=True)
                 self._reset_group()
+            if not retry:
+                raise RuntimeError(
+                    f"weight sync v{version}: a rollout server of {urls} rejected a bucket, not retried: {error}. "
+                    "Its weight_version was not bumped; the embedded server kept all old weights, an SGLang server "
+                    "may hold the buckets sent before the rejected one")
         raise RuntimeError(f"weight sync v{version} to rollout servers {urls} failed {self.max_attempts} times; "
                            f"last error: {error}. The servers may hold partial weights (their weight_version "
                            "was not bumped)")
@@ -241,7 +388,7 @@ class WeightSync:
 
         if self.group is None:
             return
-        for url in self.client.urls:
+        for url in self._urls:
             try:
                 self.client.destroy_weights_update_group(url, self.group_name)
             except Exception as exc:  # noqa: BLE001 - a dead server cannot be told

@@ -72,6 +72,9 @@ class RolloutConfig:
     """Sampling seed of the embedded server."""
     embedded_threads: int = 1
     """CPU threads of the embedded server (the learner ranks share the cores)."""
+    api_key: str | None = None
+    """SGLang's --api-key of the servers (sent as `Authorization: Bearer`); also given to the embedded
+    server. None: no key (the embedded server then listens on 127.0.0.1 only)."""
 
     def __post_init__(self) -> None:
         if self.n_samples_per_prompt < 1:

@@ -112,3 +112,45 @@ def test_server_dying_mid_rollout_raises_instead_of_hanging(tiny):
         server.kill()
     assert "error" in outcome, outcome
     assert server.url + "/generate" in str(outcome["error"]) and "after 3 attempts" in str(outcome["error"])
+
+
+def test_api_key_is_sglangs_bearer_header(tiny):
+    handle = start_server_in_thread(tiny.path, num_threads=1, api_key="s3cret")
+    try:
+        assert handle.url.startswith("http://127.0.0.1:")  # loopback unless asked otherwise
+        assert requests.get(handle.url + "/health", timeout=10).status_code == 200  # probes stay open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = requests.post(handle.url + "/generate", json={"input_ids": [4, 5]}, headers=headers, timeout=10)
+            assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}, (headers, r.text)
+        r = requests.get(handle.url + "/get_model_info", headers={"Authorization": "bearer s3cret"}, timeout=10)
+        assert r.status_code == 200
+        with pytest.raises(SGLangError, match="Unauthorized"):
+            SGLangClient([handle.url], max_retries=0).get_weight_version()
+        client = SGLangClient([handle.url], max_retries=0, api_key="s3cret")
+        out = client.generate([[4, 5]], {"max_new_tokens": 2, "ignore_eos": True})
+        assert len(out[0]["output_ids"]) == 2
+        client.close()
+    finally:
+        handle.shutdown()
+
+
+def test_dead_server_leaves_rotation_and_load_decides_the_split(tiny, servers, caplog):
+    spare = start_server_in_thread(tiny.path, num_threads=1)
+    urls = [servers[0].url, spare.url]
+    client = SGLangClient(urls, max_retries=0, connect_timeout=2)
+    whole = SGLangClient([servers[0].url]).generate(PROMPTS, SEEDED)
+    # load: a server with prompts in flight gets a smaller share
+    client._in_flight[spare.url] = 3
+    assert [hi - lo for _, lo, hi in client._split(len(PROMPTS))] == [6, 1]
+    client._in_flight[spare.url] = 0
+    spare.shutdown()  # nothing listens there any more
+    with caplog.at_level("WARNING"):
+        out = client.generate(PROMPTS, SEEDED)
+    assert [r["output_ids"] for r in out] == [r["output_ids"] for r in whole]  # same order, same samples
+    assert client.live_urls == [servers[0].url] and spare.url in client.dead
+    assert any("taken out of rotation" in r.message and spare.url in r.message for r in caplog.records)
+    assert list(client.get_weight_version()) == [servers[0].url]  # control calls skip it too
+    calls = servers[0].rollout.generate_calls
+    client.generate(PROMPTS[:2], SEEDED)
+    assert servers[0].rollout.generate_calls == calls + 1
+    client.close()

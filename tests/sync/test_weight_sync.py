@@ -17,6 +17,9 @@ learner's `old_policy_pass` log-probs. Checked in order:
    when every attempt fails: RuntimeError on every rank naming the server, version not bumped;
    the next sync with the failures gone succeeds (the group is rebuilt);
    a restarted learner (the server still holds the old group of that name) syncs at once;
+   a server rejecting a bucket (unknown name: after receiving it; unparseable dtype: before, so
+   the learner's broadcast has no receiver) fails the sync within seconds, unretried, with the
+   server's message on every rank; the server keeps all old weights and its version;
 3. a server that refuses to join the group (nccl on a CPU server), and a terminated server
    process: `sync` raises on every rank within bounded time, naming the server and the cause.
 """
@@ -34,7 +37,7 @@ TOL = 2e-5  # float32 learner (megatron, TP-split) vs float32 server (transforme
 MOVED = 0.05  # training must move some probe log-prob by at least this much
 BUCKET_BYTES = 40_000  # several buckets per sync for the model below
 FAIL_BOUND_S = 30.0  # failures must be reported well within the group timeout (60 s)
-TAGS = ("loaded", "trained", "synced", "retried", "recovered", "restarted")
+TAGS = ("loaded", "trained", "synced", "retried", "recovered", "restarted", "bad_name", "bad_dtype", "after_rejects")
 
 HF_KW = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -142,6 +145,26 @@ class _InjectFailures:
         self.client.update_weights_from_distributed = self.real
 
 
+class _CorruptCall:
+    """Stands in for client.update_weights_from_distributed: call `n` goes out with names/dtypes
+    rewritten by `corrupt` (the bytes broadcast are the real bucket's)."""
+
+    def __init__(self, client, n, corrupt):
+        self.client, self.real, self.n, self.corrupt = client, client.update_weights_from_distributed, n, corrupt
+        self.calls = 0
+
+    def __call__(self, url, names, dtypes, *args, **kwargs):
+        from erc_megatron.rollout.client import dtype_name
+
+        self.calls += 1
+        if self.calls == self.n:
+            names, dtypes = self.corrupt(list(names), [dtype_name(d) for d in dtypes])
+        return self.real(url, names, dtypes, *args, **kwargs)
+
+    def remove(self) -> None:
+        self.client.update_weights_from_distributed = self.real
+
+
 def _worker(rank, world_size, path, seed, log_dir):
     from megatron.core import parallel_state as ps
 
@@ -226,13 +249,35 @@ def _worker(rank, world_size, path, seed, log_dir):
         out["restarted_s"] = time.monotonic() - started
         record("restarted")
 
+        # 2d. a server that rejects a bucket: after it received it (unknown name), and before it
+        # received anything (a dtype it cannot parse, so the learner's broadcast has no receiver)
+        for case, corrupt in (("bad_name", lambda names, dtypes: (["model.layers.0.bogus"] + names[1:], dtypes)),
+                              ("bad_dtype", lambda names, dtypes: (names, ["float33"] + dtypes[1:]))):
+            _train(learner, cfg, batch, steps=1)
+            inject = _CorruptCall(client, 3, corrupt) if rank == 0 else None
+            if rank == 0:
+                client.update_weights_from_distributed = inject
+            started = time.monotonic()
+            try:
+                sync.sync(5)
+                out[f"{case}_error"] = None
+            except RuntimeError as exc:
+                out[f"{case}_error"] = str(exc)
+            out[f"{case}_s"] = time.monotonic() - started
+            if rank == 0:
+                inject.remove()
+                out[f"{case}_calls"] = inject.calls
+            record(case)
+        sync.sync(5)  # the rejected updates are gone: a clean one lands
+        record("after_rejects")
+
         # 3a. a server that refuses to join (it has no CUDA for nccl): its reason, at once, everywhere
         refused = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, group_name="nccl_group",
                              max_attempts=1, timeout_s=60)
         refused.backend = "nccl"
         started = time.monotonic()
         try:
-            refused.sync(5)
+            refused.sync(6)
             out["refused_error"] = None
         except RuntimeError as exc:
             out["refused_error"] = str(exc)
@@ -245,7 +290,7 @@ def _worker(rank, world_size, path, seed, log_dir):
             server.terminate()
         started = time.monotonic()
         try:
-            sync.sync(5)
+            sync.sync(6)
             out["unreachable_error"] = None
         except RuntimeError as exc:
             out["unreachable_error"] = str(exc)
@@ -284,9 +329,10 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     server = {tag: r0[f"server/{tag}"] for tag in learner}
     what = f"seed {seed}"
     print(f"{what}: |server - learner| after syncs "
-          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t != 'trained'):.1e}, before "
+          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t not in ('trained', 'bad_name', 'bad_dtype')):.1e}, before "
           f"{_max_diff(server['trained'], learner['trained']):.2f}; restarted learner {r0['restarted_s']:.1f}s, "
-          f"refused join {r0['refused_s']:.1f}s, dead server {r0['unreachable_s']:.1f}s")
+          f"refused join {r0['refused_s']:.1f}s, dead server {r0['unreachable_s']:.1f}s, rejected bucket "
+          f"{r0['bad_name_s']:.1f}s (before receiving {r0['bad_dtype_s']:.1f}s)")
 
     # 1. same checkpoint -> same log-probs; training moves the learner, not the server; sync
     assert _max_diff(server["loaded"], learner["loaded"]) <= TOL, what
@@ -329,12 +375,26 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     assert r0["version/restarted"] == "4"
     assert max(r["restarted_s"] for r in results) < FAIL_BOUND_S
 
+    # 2d. a rejected bucket fails the sync at once, unretried, with the server's reason on every rank;
+    # the server keeps all old weights and its version (a refusal before receiving aborts the broadcast)
+    for case, reason in (("bad_name", "model.layers.0.bogus"), ("bad_dtype", "float33")):
+        assert r0[f"{case}_calls"] == 3, (case, r0[f"{case}_calls"])  # no retry after the rejection
+        for r in results:
+            err = r[f"{case}_error"]
+            assert err is not None and "rejected" in err and reason in err and url in err, (case, r["rank"], err)
+            assert r[f"{case}_s"] < FAIL_BOUND_S, f"{case}: rank {r['rank']} took {r[f'{case}_s']:.1f}s"
+        assert r0[f"version/{case}"] == "4", case
+        assert server[case] == server["restarted"], f"{case}: the server holds some of the rejected update"
+        assert _max_diff(learner[case], learner["restarted"]) >= MOVED, case
+    assert _max_diff(server["after_rejects"], learner["after_rejects"]) <= TOL, f"{what}: no sync after rejects"
+    assert r0["version/after_rejects"] == "5"
+
     # 3a. a server refusing to join: its own reason on every rank, without waiting out the rendezvous
     for r in results:
         err = r["refused_error"]
         assert err is not None and url in err and "nccl" in err and "CUDA" in err, (r["rank"], err)
         assert r["refused_s"] < FAIL_BOUND_S, f"rank {r['rank']} took {r['refused_s']:.1f}s"
-    assert r0["version/refused"] == "4"
+    assert r0["version/refused"] == "5"
 
     # 3b. unreachable server: a clear error on every rank, quickly
     for r in results:
