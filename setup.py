@@ -32,7 +32,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
         "mpi": ["mpi4py"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "openai"],
     },
     entry_points={"console_scripts": ["erc-megatron=erc_megatron.cli:main"]},
 )
