@@ -105,6 +105,9 @@ class Listener(Protocol):
     def after_call(self, record: CallRecord, token: Any) -> None:
         """Called once the call returned (also when it raised: then `record.result` is None)."""
 
+    def after_wait(self, work: Any, start: float, seconds: float) -> None:
+        """Called after `Work.wait()` returned on any work (the listener picks the ones it issued)."""
+
 
 def _tensor_bytes(x: Any) -> int:
     if isinstance(x, torch.Tensor):
@@ -287,8 +290,40 @@ def check_shapes() -> dict[str, inspect.Signature]:
     return out
 
 
+def _work_class() -> Any:
+    work = getattr(c10d, "Work", None)
+    if work is None or not callable(getattr(work, "wait", None)):
+        raise TorchInternalsChangedError(f"torch.distributed.distributed_c10d.Work.wait is gone in torch "
+                                         f"{torch.__version__} (hooks checked against {CHECKED})")
+    return work
+
+
+def _make_wait(original: Any) -> Any:
+    # Work is a pybind11 class: its `wait` can be replaced on the class, and every Work the c10d
+    # backends return (gloo and NCCL alike, torch 2.13) resolves `wait` through it.
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        listeners = _listeners
+        if not listeners:
+            return original(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            seconds = time.perf_counter() - t0
+            for lst in listeners:
+                lst.after_wait(self, t0, seconds)
+
+    wait.__wrapped__ = original
+    return wait
+
+
 def _install() -> None:
     signatures = check_shapes()
+    work = _work_class()
+    original_wait = work.__dict__.get("wait", work.wait)
+    wait = _make_wait(original_wait)
+    work.wait = wait
+    _installed.append((work, "wait", original_wait, wait))
     wrappers: dict[int, _Wrapper] = {}
     for name, sig in signatures.items():
         for module in _MODULES:

@@ -105,6 +105,9 @@ class CollectiveRecorder:
         with self._lock:
             self.events.append(event)
 
+    def after_wait(self, work: Any, start: float, seconds: float) -> None:
+        return None
+
     def clear(self) -> None:
         with self._lock:
             self.events.clear()
