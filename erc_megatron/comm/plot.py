@@ -21,7 +21,7 @@ def plot_profile(profile: dict, out_path: str) -> str:
     keys = sorted({k for s in steps for k in per_step[s]["comm"]},
                   key=lambda k: (PHASES.index(k.split("/")[0]) if k.split("/")[0] in PHASES else len(PHASES),
                                  ROLES.index(k.split("/")[1]) if k.split("/")[1] in ROLES else len(ROLES)))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=80)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=80, gridspec_kw={"wspace": 0.75})
     cmap = plt.get_cmap("tab20")
     bottom = [0.0] * len(steps)
     for i, key in enumerate(keys):
@@ -53,7 +53,6 @@ def plot_profile(profile: dict, out_path: str) -> str:
     bx.set_title("bandwidth vs message size (blocking calls)")
     if by_role:
         bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path)
+    fig.savefig(out_path, bbox_inches="tight")
     plt.close(fig)
     return out_path
