@@ -199,8 +199,16 @@ class _Wrapper:
         self.__doc__ = getattr(original, "__doc__", None)
         self.__module__ = getattr(original, "__module__", None)
         self._signature = signature
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._positional = tuple(p.name for p in signature.parameters.values() if p.kind in positional)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        # Signature.bind costs more than many small collectives; this is the same mapping for
+        # the calls that fit (no *args), which is every well-formed call to these functions
+        if len(args) <= len(self._positional):
+            bound = dict(zip(self._positional, args))
+            bound.update(kwargs)
+            return bound
         try:
             return dict(self._signature.bind_partial(*args, **kwargs).arguments)
         except TypeError:
