@@ -14,9 +14,10 @@ time/rollout + time/old_policy + time/update + time/weight_sync from metrics.jso
 the weight-sync group set-up, is left out).
 
 In-process: an all_reduce of 64 floats on a 1-rank gloo group, plain vs inside a profiled step
-(best of 5 rounds), times the profiled collectives per step: the recording cost without machine
-noise. "Off" installs nothing (no wrappers: tests/comm/test_profiler.py checks it); what remains in
-the code path is one `comm_phase(...)` call per phase marker, timed here as well.
+(best of 30 alternating rounds of 1000 calls), times the profiled collectives per step: the
+recording cost without machine noise. "Off" installs nothing (no wrappers:
+tests/comm/test_profiler.py checks it); what remains in the code path is one `comm_phase(...)`
+call per phase marker, timed here as well.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _phase_marker_cost(n: int = 200_000) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _per_call_overhead(n: int = 3000) -> tuple[float, float]:
+def _per_call_overhead(n: int = 1000, rounds: int = 30) -> tuple[float, float]:
     """(seconds per all_reduce of 64 floats on a 1-rank gloo group without / with a profiled step open)."""
     import torch
     import torch.distributed as dist
@@ -74,8 +75,8 @@ def _per_call_overhead(n: int = 3000) -> tuple[float, float]:
         prof = CommProfiler(tempfile.mkdtemp(), steps=[1], say=lambda *_: None)
         prof.finish = lambda: None  # time the recording, not the report
         best = {False: float("inf"), True: float("inf")}
-        for _ in range(5):  # min over rounds: the least disturbed by other processes
-            for on in (False, True):
+        for r in range(rounds):  # min over alternating rounds: the least disturbed by other processes
+            for on in ((False, True) if r % 2 else (True, False)):
                 if on:
                     prof._step = None
                     prof.begin_step(1)
