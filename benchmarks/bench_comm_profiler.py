@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -128,8 +129,11 @@ def main() -> None:
     bound = statistics.mean(events_per_step) * (hooked - plain) / off_med
     print(f"\nsteps {ks[0]}..{ks[-1]}, each measured profiled and not ({len(launches)} launches)")
     print(f"median step time  off {off_med * 1e3:.1f} ms   on {on_med * 1e3:.1f} ms")
-    print(f"per-step on/off ratio: geometric mean {ratio:.4f} (overhead {100 * (ratio - 1):+.2f}%), "
-          f"median {statistics.median(ratios):.4f}, range {min(ratios):.3f}..{max(ratios):.3f}")
+    logs = [math.log(r) for r in ratios]
+    se = statistics.stdev(logs) / math.sqrt(len(logs))
+    print(f"per-step on/off ratio: geometric mean {ratio:.4f} (overhead {100 * (ratio - 1):+.2f}% "
+          f"+- {100 * se:.1f}% standard error), median {statistics.median(ratios):.4f}, "
+          f"range {min(ratios):.3f}..{max(ratios):.3f}")
     print(f"profiled collectives per step per rank: {statistics.mean(events_per_step):.0f}")
     print(f"in-process: all_reduce (64 floats, 1-rank gloo) {plain * 1e6:.1f} us plain, {hooked * 1e6:.1f} us "
           f"profiled: +{(hooked - plain) * 1e6:.1f} us per call; x {statistics.mean(events_per_step):.0f} calls per "
