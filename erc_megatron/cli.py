@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "plot": ("erc_megatron.train.plot", "plot a run directory's metrics into a PNG"),
     "make-demo-model": ("erc_megatron.data.demo_model", "create the tiny CPU demo model, tokenizer and dataset"),
     "convert": ("erc_megatron.weights.convert_cli", "convert Hugging Face <-> Megatron checkpoints"),
+    "profile-comm": ("erc_megatron.comm.report", "re-render a run's communication profile (table, PNG, trace)"),
 }
 
 

@@ -5,18 +5,8 @@
     rec.count("all_reduce", group=tp_group)
     print(rec.format_summary())
 
-How: on entering the first (outermost) recorder, the collective functions named in
-`COLLECTIVE_OPS` are replaced by recording wrappers in BOTH `torch.distributed` and
-`torch.distributed.distributed_c10d` (megatron-core looks `torch.distributed.all_reduce` up at
-call time, c10d's own helpers call each other through the c10d module globals). The same wrapper
-object is installed under both names, so identity checks inside c10d (`op is isend`) still hold.
-Leaving the last recorder puts the originals back (only where our wrapper is still installed, so a
-patch someone added on top is not clobbered). Not seen: `ProcessGroup` methods called directly,
-functional collectives (`torch.distributed._functional_collectives`, DTensor), and a function
-bound before the block (`from torch.distributed import all_reduce` at import time) unless it
-routes through another c10d function, as the deprecated aliases do (megatron-core binds
-`all_gather_into_tensor` at import; its calls show up as `all_gather_single`). A module imported
-inside the block binds our wrapper, which passes calls straight through once recording stops.
+How calls are seen, and what is not seen, is `erc_megatron.patches.torch_distributed_hooks`: the
+hooks are installed when the first (outermost) recorder opens and removed when the last closes.
 
 Semantics:
 - Process-wide: while any recorder is open, collectives from any thread are recorded, and every
@@ -36,33 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
-# Every collective / point-to-point entry point of torch.distributed that we record. Names absent
-# from the installed torch are skipped.
-COLLECTIVE_OPS: tuple[str, ...] = (
-    "all_reduce", "all_reduce_coalesced", "reduce",
-    "all_gather", "all_gather_single", "all_gather_into_tensor", "_all_gather_base",
-    "all_gather_coalesced", "all_gather_object",
-    "reduce_scatter", "reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base",
-    "broadcast", "broadcast_object_list",
-    "all_to_all", "all_to_all_single",
-    "gather", "gather_object", "scatter", "scatter_object_list",
-    "barrier", "monitored_barrier",
-    "send", "recv", "isend", "irecv", "send_object_list", "recv_object_list", "batch_isend_irecv",
-)
-_OBJECT_OPS = frozenset({"all_gather_object", "gather_object", "scatter_object_list", "broadcast_object_list",
-                         "send_object_list", "recv_object_list"})
-_ALWAYS_ASYNC = frozenset({"isend", "irecv", "batch_isend_irecv"})
-_MODULES = (dist, c10d)
+from erc_megatron.patches import torch_distributed_hooks as hooks
+from erc_megatron.patches.torch_distributed_hooks import COLLECTIVE_OPS
+
+__all__ = ["COLLECTIVE_OPS", "CollectiveEvent", "CollectiveRecorder", "GroupId", "group_id", "record_collectives"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,48 +79,6 @@ class CollectiveEvent:
         return max(self.bytes_in, self.bytes_out)
 
 
-def _tensor_bytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_tensor_bytes(t) for t in x)
-    return 0
-
-
-def _payload(op: str, a: dict[str, Any]) -> tuple[int, int]:
-    """(bytes_in, bytes_out) of one call from its bound arguments."""
-    b = _tensor_bytes
-    if op in ("all_reduce", "broadcast", "reduce"):
-        return b(a.get("tensor")), b(a.get("tensor"))
-    if op == "all_reduce_coalesced":
-        return b(a.get("tensors")), b(a.get("tensors"))
-    if op in ("send", "isend"):
-        return b(a.get("tensor")), 0
-    if op in ("recv", "irecv"):
-        return 0, b(a.get("tensor"))
-    if op == "all_gather":
-        return b(a.get("tensor")), b(a.get("tensor_list"))
-    if op in ("all_gather_single", "all_gather_into_tensor", "_all_gather_base"):
-        return b(a.get("input_tensor")), b(a.get("output_tensor"))
-    if op == "all_gather_coalesced":
-        return b(a.get("input_tensor_list")), b(a.get("output_tensor_lists"))
-    if op == "reduce_scatter":
-        return b(a.get("input_list")), b(a.get("output"))
-    if op in ("reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single"):
-        return b(a.get("input")), b(a.get("output"))
-    if op == "all_to_all":
-        return b(a.get("input_tensor_list")), b(a.get("output_tensor_list"))
-    if op == "gather":
-        return b(a.get("tensor")), b(a.get("gather_list"))
-    if op == "scatter":
-        return b(a.get("scatter_list")), b(a.get("tensor"))
-    if op == "batch_isend_irecv":
-        ops = a.get("p2p_op_list") or []
-        sent = sum(b(p.tensor) for p in ops if _root(p.op) is _root(c10d.isend))
-        return sent, sum(b(p.tensor) for p in ops) - sent
-    return 0, 0  # barriers; object collectives are sized by their nested calls
-
-
 def group_id(group: Any) -> GroupId | None:
     """GroupId of a ProcessGroup (None = the default group), or None if it cannot be resolved."""
     try:
@@ -157,140 +88,6 @@ def group_id(group: Any) -> GroupId | None:
         return None
 
 
-def _call_group(op: str, a: dict[str, Any]) -> Any:
-    if op == "batch_isend_irecv":
-        ops = a.get("p2p_op_list") or []
-        return ops[0].group if ops else None
-    return a.get("group")
-
-
-def _root(fn: Any) -> Any:
-    while isinstance(fn, _Wrapper):
-        fn = fn.__wrapped__
-    return fn
-
-
-class _Frame:
-    """A recorded call in progress on this thread (collects bytes of nested object-op traffic)."""
-
-    __slots__ = ("sized_by_nested", "nested_in", "nested_out")
-
-    def __init__(self, sized_by_nested: bool) -> None:
-        self.sized_by_nested = sized_by_nested
-        self.nested_in = 0
-        self.nested_out = 0
-
-
-_state_lock = threading.RLock()
-_active: list[CollectiveRecorder] = []
-_installed: list[tuple[Any, str, Any, _Wrapper]] = []  # (module, name, original, wrapper)
-_tls = threading.local()
-
-
-def _stack() -> list[_Frame]:
-    s = getattr(_tls, "stack", None)
-    if s is None:
-        s = _tls.stack = []
-    return s
-
-
-class _Wrapper:
-    """Callable standing in for one torch.distributed function while recording is on."""
-
-    def __init__(self, name: str, original: Any) -> None:
-        self._name = name
-        self.__wrapped__ = original
-        self.__name__ = getattr(original, "__name__", name)
-        self.__qualname__ = getattr(original, "__qualname__", name)
-        self.__doc__ = getattr(original, "__doc__", None)
-        self.__module__ = getattr(original, "__module__", None)
-        try:
-            self._signature: inspect.Signature | None = inspect.signature(original)
-        except (TypeError, ValueError):
-            self._signature = None
-
-    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if self._signature is None:
-            return dict(kwargs)
-        try:
-            return dict(self._signature.bind_partial(*args, **kwargs).arguments)
-        except TypeError:
-            return dict(kwargs)  # let the original raise its own error
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        stack = _stack()
-        if not _active:
-            return self.__wrapped__(*args, **kwargs)
-        if stack:  # issued by a collective being recorded: part of that event, not a new one
-            if stack[-1].sized_by_nested:
-                nin, nout = _payload(self._name, self._bind(args, kwargs))
-                stack[-1].nested_in += nin
-                stack[-1].nested_out += nout
-            stack.append(_Frame(False))  # deeper calls are already counted in this one
-            try:
-                return self.__wrapped__(*args, **kwargs)
-            finally:
-                stack.pop()
-        bound = self._bind(args, kwargs)
-        restore = _normalise_p2p_ops(bound) if self._name == "batch_isend_irecv" else []
-        frame = _Frame(self._name in _OBJECT_OPS)
-        stack.append(frame)
-        t0 = time.perf_counter()
-        try:
-            result = self.__wrapped__(*args, **kwargs)
-        finally:
-            seconds = time.perf_counter() - t0
-            stack.pop()
-            for p2p, fn in restore:
-                p2p.op = fn
-        nin, nout = _payload(self._name, bound)
-        event = CollectiveEvent(
-            op=self._name, group=group_id(_call_group(self._name, bound)),
-            bytes_in=nin + frame.nested_in, bytes_out=nout + frame.nested_out, seconds=seconds,
-            async_op=self._name in _ALWAYS_ASYNC or bool(bound.get("async_op", False)))
-        with _state_lock:
-            receivers = list(_active)
-        for rec in receivers:
-            rec._add(event)
-        return result
-
-
-def _normalise_p2p_ops(bound: dict[str, Any]) -> list[tuple[Any, Any]]:
-    """c10d's batch_isend_irecv tells sends from receives by `p2p_op.op is isend` (the c10d global).
-
-    A P2POp built before recording started holds the original function, one built inside holds our
-    wrapper; point every op at whatever c10d currently has and restore after the call.
-    """
-    restore = []
-    for p2p in bound.get("p2p_op_list") or []:
-        for name in ("isend", "irecv"):
-            current = getattr(c10d, name)
-            if p2p.op is not current and _root(p2p.op) is _root(current):
-                restore.append((p2p, p2p.op))
-                p2p.op = current
-    return restore
-
-
-def _install() -> None:
-    wrappers: dict[int, _Wrapper] = {}
-    for name in COLLECTIVE_OPS:
-        for module in _MODULES:
-            original = getattr(module, name, None)
-            if original is None or isinstance(original, _Wrapper):
-                continue
-            # one wrapper per original function, shared by both module names (identity checks)
-            wrapper = wrappers.setdefault(id(original), _Wrapper(name, original))
-            setattr(module, name, wrapper)
-            _installed.append((module, name, original, wrapper))
-
-
-def _uninstall() -> None:
-    while _installed:
-        module, name, original, wrapper = _installed.pop()
-        if getattr(module, name, None) is wrapper:
-            setattr(module, name, original)
-
-
 class CollectiveRecorder:
     """Events recorded while its `record_collectives()` block was open, with summaries."""
 
@@ -298,9 +95,18 @@ class CollectiveRecorder:
         self.events: list[CollectiveEvent] = []
         self._lock = threading.Lock()
 
-    def _add(self, event: CollectiveEvent) -> None:
+    # hooks.Listener
+    def before_call(self, op: str) -> None:
+        return None
+
+    def after_call(self, record: hooks.CallRecord, token: None) -> None:
+        event = CollectiveEvent(op=record.op, group=group_id(record.group), bytes_in=record.bytes_in,
+                                bytes_out=record.bytes_out, seconds=record.seconds, async_op=record.async_op)
         with self._lock:
             self.events.append(event)
+
+    def after_wait(self, work: Any, start: float, seconds: float) -> None:
+        return None
 
     def clear(self) -> None:
         with self._lock:
@@ -366,14 +172,8 @@ def _group_filter(group: Any):
 def record_collectives() -> Iterator[CollectiveRecorder]:
     """Open a recorder; see the module docstring. Nests; safe to open from several threads."""
     recorder = CollectiveRecorder()
-    with _state_lock:
-        if not _active:
-            _install()
-        _active.append(recorder)
+    hooks.add_listener(recorder)
     try:
         yield recorder
     finally:
-        with _state_lock:
-            _active.remove(recorder)
-            if not _active:
-                _uninstall()
+        hooks.remove_listener(recorder)

@@ -133,6 +133,12 @@ class TrainerConfig:
     """Resume from the newest checkpoint in run_dir if there is one."""
     seed: int = 1234
     """Data order and sampling seed."""
+    profile_comm: bool = False
+    """Record every collective and p2p op of the steps in profile_steps on every rank; writes
+    comm_profile.json, comm_profile.png and comm_trace.json to run_dir and prints a table (README,
+    "Communication profiler"). Off: no hooks are installed at all."""
+    profile_steps: list[int] = field(default_factory=list)
+    """1-based steps to profile when profile_comm is on (e.g. [2, 3]); empty: every step."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "prompts_per_minibatch", "micro_batch_size"):
@@ -144,6 +150,10 @@ class TrainerConfig:
         for name in ("nll_coef", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        bad = [s for s in self.profile_steps if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.steps]
+        if bad or len(set(self.profile_steps)) != len(self.profile_steps):
+            raise ConfigError(f"trainer.profile_steps must be distinct step numbers in 1..trainer.steps "
+                              f"({self.steps}), got {self.profile_steps}")
 
 
 @dataclass

@@ -81,6 +81,7 @@ def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
+    from erc_megatron.comm import comm_phase, start_comm_profiler
     from erc_megatron.data.prompts import PromptIterator, load_prompt_dataset
     from erc_megatron.dist import init_distributed
     from erc_megatron.model.config import ModelConfig
@@ -146,6 +147,8 @@ def train(cfg) -> dict:
     try:
         _on_rank0(setup_rank0)
         sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20)
+        profiler = start_comm_profiler(run_dir, cfg.trainer.profile_comm, cfg.trainer.profile_steps, cfg.trainer.steps,
+                                       extra_roles={sync.group_name: "weight-sync"}, say=_say)
         # the servers load model.path; after a resume they must get the learner's weights first
         if ckpt is not None:
             sync.sync(weight_version)
@@ -160,7 +163,8 @@ def train(cfg) -> dict:
             minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, ps.get_data_parallel_rank(),
                                             dp, cfg.trainer.micro_batch_size, pad_id, seq_len)
             flat = [mb for m in minibatches for mb in m.mine]
-            with_old = old_policy_pass(learner.model, flat, model_cfg.vocab_size, cfg.logits)
+            with comm_phase("old_policy", micro_batches=len(flat), micro_batch_shape=list(flat[0].tokens.shape)):
+                with_old = old_policy_pass(learner.model, flat, model_cfg.vocab_size, cfg.logits)
             i = 0
             for m in minibatches:
                 m.mine = with_old[i:i + len(m.mine)]
@@ -177,7 +181,8 @@ def train(cfg) -> dict:
 
             t0 = time.perf_counter()
             weight_version += 1
-            sync.sync(weight_version)
+            with comm_phase("weight_sync"):
+                sync.sync(weight_version)
             metrics["time/weight_sync"] = time.perf_counter() - t0
             metrics["weight_version"] = float(weight_version)
             return weight_version
@@ -193,25 +198,29 @@ def train(cfg) -> dict:
             return out
 
         for step in range(start_step, cfg.trainer.steps):
+            profiler.begin_step(step + 1)
 
             def rollout_on_rank0():
                 out: dict[str, float] = {}
-                if val_set is not None and every and step % every == 0:
-                    out.update(timed("validation", f"validation before step {step + 1}",
-                                     lambda p: validate(client, val_set, cfg, reward_fn)))
-                groups, rollout_metrics = timed(
-                    "rollout", f"rollout step {step + 1}/{cfg.trainer.steps}",
-                    lambda p: collect_step(client, iterator, cfg, reward_fn, step, progress=p.update),
-                    total=cfg.trainer.prompts_per_step, unit="groups")
+                with comm_phase("rollout"):
+                    if val_set is not None and every and step % every == 0:
+                        out.update(timed("validation", f"validation before step {step + 1}",
+                                         lambda p: validate(client, val_set, cfg, reward_fn)))
+                    groups, rollout_metrics = timed(
+                        "rollout", f"rollout step {step + 1}/{cfg.trainer.steps}",
+                        lambda p: collect_step(client, iterator, cfg, reward_fn, step, progress=p.update),
+                        total=cfg.trainer.prompts_per_step, unit="groups")
                 return groups, {**out, **rollout_metrics}
 
-            groups, metrics = _on_rank0(rollout_on_rank0)
+            with comm_phase("rollout_broadcast"):
+                groups, metrics = _on_rank0(rollout_on_rank0)
             done = step + 1
             if groups:
                 weight_version = learn(groups, metrics, weight_version)
             else:
                 # still logged and checkpointed: the step consumed its prompts
                 _say(f"step {done}: no informative groups (all rewards equal in every group); skipping update")
+            profiler.end_step()
             if rank == 0:
                 logger.log(done, metrics)
                 per_step = (time.monotonic() - run_start) / (done - run_start_step)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from erc_megatron.algo import (PolicyLossConfig, StepStats, aggregation_denominator, policy_loss,
                                positive_nll_denominator, positive_nll_loss, reduce_step_metrics)
+from erc_megatron.comm.profiler import comm_phase
 from erc_megatron.train.batch import MicroBatch
 from erc_megatron.train.step import (LogitsConfig, forward_backward, optimizer_step, prepare_output,
                                      token_logprob_entropy, zero_grads)
@@ -91,7 +92,9 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
 
     prepare_output(learner.model, logits_cfg)
     zero_grads(learner)
-    outputs = forward_backward(learner.model, micro_batches, loss_fn)
+    shape = list(micro_batches[0].tokens.shape) if micro_batches else None
+    with comm_phase("forward_backward", micro_batches=len(micro_batches), micro_batch_shape=shape):
+        outputs = forward_backward(learner.model, micro_batches, loss_fn)
 
     stats = StepStats()
     holder = _loss_holder()
@@ -112,7 +115,8 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
     for name, value in (extra_metrics or {}).items():
         stats.add_scalar(name, value, "max")  # already global (every rank holds the same value)
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
-    metrics = reduce_step_metrics(stats, group)
+    with comm_phase("statistics", role="statistics"):
+        metrics = reduce_step_metrics(stats, group)
 
     causes = [flag.removeprefix("nonfinite_") for flag in _NONFINITE_CHECKS if metrics.pop(flag, 0.0) > 0]
     skip = bool(causes)
@@ -120,7 +124,8 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
         log.warning("optimizer step skipped: non-finite %s on some rank; weights, optimizer state and LR "
                     "schedule left untouched", " and ".join(causes))
     lr = learner.optimizer.param_groups[0]["lr"]
-    updated, grad_norm = optimizer_step(learner, skip=skip)
+    with comm_phase("optimizer"):
+        updated, grad_norm = optimizer_step(learner, skip=skip)
     if updated and not math.isfinite(grad_norm):
         log.warning("gradient norm is %s", grad_norm)
     metrics.update(grad_norm=grad_norm, updated=float(updated), skipped=float(skip),

@@ -3,7 +3,8 @@
 One small demo model (made once per module) and four launches:
 - an uninterrupted run: per-step learner statistics, rollout figures and phase timings in
   metrics.jsonl, the same scalars in TensorBoard, a PNG from `erc-megatron plot`, a progress line
-  per step;
+  per step; with step 2's communication profiled (comm_profile.json / .png, comm_trace.json,
+  `erc-megatron profile-comm`): counts and bytes of the collectives the shapes imply;
 - the same run killed with SIGKILL after step 3 (checkpoint at step 2), with a half-written later
   checkpoint planted, then restarted with the same command: it resumes from step 2 and its steps
   3..N, final validation and final weights equal the uninterrupted run's (the run is
@@ -43,6 +44,8 @@ STEP_KEYS = ("erc/in_band_frac", "erc/low_frac", "erc/high_frac", "erc/rho_mean"
              "rollout/reward_mean", "rollout/accuracy", "rollout/response_length", "weight_version")
 TIME_KEYS = ("time/rollout", "time/old_policy", "time/update", "time/weight_sync")
 LAUNCH_TIMEOUT = 400
+PROFILED_STEP = 2  # no validation before it: only training collectives
+PROFILE = ("trainer.profile_comm=true", f"trainer.profile_steps=[{PROFILED_STEP}]")
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
@@ -96,12 +99,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _launch(demo: Path, run_dir: Path, steps: int = STEPS) -> tuple[subprocess.Popen, Path]:
+def _launch(demo: Path, run_dir: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
     overrides = [f"model.path={demo / 'model'}", f"data.train_path={demo / 'train.jsonl'}",
                  f"data.val_path={demo / 'val.jsonl'}", f"trainer.run_dir={run_dir}", f"trainer.steps={steps}",
                  f"trainer.save_every={SAVE_EVERY}", "trainer.prompts_per_step=4", "trainer.prompts_per_minibatch=2",
                  "trainer.micro_batch_size=4", "rollout.n_samples_per_prompt=4", "validation.every_steps=2",
-                 "validation.max_prompts=8", "validation.n_samples=2"]
+                 "validation.max_prompts=8", "validation.n_samples=2", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            "-m", "erc_megatron.cli", "train", "--config", str(RECIPE), *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +215,7 @@ def baseline(demo, tmp_path_factory) -> tuple[Path, str, float]:
     """The uninterrupted run: (run_dir, its output, seconds)."""
     run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
     t0 = time.monotonic()
-    proc, out_path = _launch(demo, run_dir)
+    proc, out_path = _launch(demo, run_dir, extra=PROFILE)
     out = _finish(proc, out_path)
     assert proc.returncode == 0, out[-6000:]
     return run_dir, out, time.monotonic() - t0
@@ -449,3 +452,84 @@ def test_latest_pointer_to_incomplete_checkpoint_is_refused(tmp_path):
     (ckpts / "latest").write_text("step_000004")
     with pytest.raises(FileNotFoundError, match=r"latest names step_000004, which has no trainer\.json"):
         latest_checkpoint(tmp_path)
+
+
+def test_comm_profile_of_tp2pp2_step_counts_and_sizes_what_the_shapes_imply(baseline, demo, tmp_path):
+    """Ranks 0,1 = first stage (TP pair), 2,3 = last stage; the profiled step's shapes are in the profile."""
+    from transformers import AutoConfig
+
+    from erc_megatron.model.config import ModelConfig
+    from erc_megatron.ops.vocab_parallel_stats import compute_dtype
+    from erc_megatron.weights.hf_stream import plan_hf_buckets
+
+    run_dir, out, _ = baseline
+    profile = json.loads((run_dir / "comm_profile.json").read_text())
+    assert profile["steps"] == [PROFILED_STEP] and profile["world_size"] == 4
+    assert "communication profile (steps [2]):" in out and re.search(r"^TP\s+all_gather_single\s", out, re.M), out[-4000:]
+    hf = AutoConfig.from_pretrained(demo / "model")
+    cfg = ModelConfig.from_hf_config(hf, make_vocab_size_divisible_by=8)
+    act = 4  # float32 activations / params
+    ranks = {r["rank"]: r for r in profile["ranks"]}
+
+    def events(rank, **want):
+        return [e for e in ranks[rank]["events"] if all(e[k] == v for k, v in want.items())]
+
+    for rank in range(4):
+        step = ranks[rank]["steps"][0]
+        phases = step["phases"]
+        (old,) = phases["old_policy"]["attrs"]
+        updates = phases["forward_backward"]["attrs"]  # one per optimizer step
+        n_old = old["micro_batches"]
+        n_upd = sum(a["micro_batches"] for a in updates)
+        b, s = old["micro_batch_shape"]
+        assert all(a["micro_batch_shape"] == [b, s] for a in updates)
+        # the rollout reaches every rank in one broadcast of the rollout phase
+        assert [e["op"] for e in events(rank, phase="rollout_broadcast")] == ["broadcast_object_list"]
+        assert all(e["role"] == "world" for e in events(rank, phase="rollout_broadcast"))
+        # statistics: 2 world all-reduces (SUM, MAX) per optimizer step, float64, nothing else in the phase
+        stats = events(rank, phase="statistics")
+        assert [(e["op"], e["role"], e["group_size"]) for e in stats] == [("all_reduce", "statistics", 4)] * 2 * len(updates)
+        assert all(e["bytes"] > 0 and e["bytes"] % 8 == 0 for e in stats)
+        # the log-prob op: one TP all-gather of [4, b*s] stats per micro-batch forward, last stage only
+        last = rank >= 2
+        stat_bytes = 4 * b * s * torch.empty((), dtype=compute_dtype(torch.float32)).element_size()
+        for phase, n in (("old_policy", n_old), ("forward_backward", n_upd)):
+            gathers = events(rank, phase=phase, op="all_gather_single")
+            assert len(gathers) == (n if last else 0), (rank, phase, len(gathers), n)
+            assert all((e["role"], e["group_size"], e["bytes_in"], e["bytes_out"]) == ("TP", 2, stat_bytes, 2 * stat_bytes)
+                       for e in gathers), gathers[:2]
+        # pipeline p2p: [s, b, hidden] float32 activations forward, their gradients backward
+        msg = s * b * cfg.hidden_size * act
+        for phase, n, backward in (("old_policy", n_old, False), ("forward_backward", n_upd, True)):
+            p2p = events(rank, phase=phase, op="batch_isend_irecv")
+            assert p2p and all(e["role"] == "PP" and e["group_size"] == 2 for e in p2p), (rank, phase)
+            assert all(e["bytes_in"] in (0, msg) and e["bytes_out"] in (0, msg) for e in p2p), (msg, p2p[:3])
+            sent, recvd = sum(e["bytes_in"] for e in p2p), sum(e["bytes_out"] for e in p2p)
+            first_stage = (n * msg, n * msg if backward else 0)
+            assert (sent, recvd) == (first_stage if not last else first_stage[::-1]), (rank, phase, sent, recvd, n, msg)
+        # weight sync: rank 0 broadcasts one flat bucket per planned bucket on the weight-sync group
+        plan = plan_hf_buckets(cfg, 2, 512 * 2**20)  # examples/cpu_demo.yaml: weight_sync_bucket_mb 512
+        buckets = [sum(t.numel for t in bucket) * act for stage in plan for bucket in stage]
+        sync = events(rank, phase="weight_sync", op="broadcast")
+        assert [(e["role"], e["bytes"]) for e in sync] == ([("weight-sync", n) for n in buckets] if rank == 0 else [])
+        # every event is timed and tagged
+        for e in ranks[rank]["events"]:
+            assert e["step"] == PROFILED_STEP and e["dur_s"] >= e["issue_s"] >= 0 and e["role"] != "other", e
+
+    # the trace: Trace Event Format, one pid per rank, complete events in microseconds
+    trace = json.loads((run_dir / "comm_trace.json").read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in xs} == {0, 1, 2, 3}
+    assert all(isinstance(e["ts"], (int, float)) and e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
+    n_events = sum(len(r["events"]) for r in profile["ranks"])
+    assert len([e for e in xs if e["cat"] not in ("step", "phase")]) == n_events
+    assert (run_dir / "comm_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # re-rendered from the JSON alone
+    res = subprocess.run([sys.executable, "-m", "erc_megatron.cli", "profile-comm", str(run_dir), "--out-dir",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    n_stats = sum(len(events(rank, phase="statistics")) for rank in range(4))
+    assert re.search(rf"^statistics\s+all_reduce\s+{n_stats}\s", res.stdout, re.M), res.stdout
+    assert (tmp_path / "comm_profile.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "comm_trace.json").read_text()) == trace
