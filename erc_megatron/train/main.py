@@ -97,7 +97,7 @@ def train(cfg) -> dict:
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                                            params_dtype=cfg.model.params_dtype)
-    init_distributed(cfg.parallel, model_cfg)
+    launch = init_distributed(cfg.parallel, model_cfg)
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()
@@ -140,7 +140,8 @@ def train(cfg) -> dict:
             sync.sync(weight_version)
         tp, dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
         _say(f"training: tp={tp} pp={ps.get_pipeline_model_parallel_world_size()} dp={dp}, steps "
-             f"{start_step}..{cfg.trainer.steps}")
+             f"{start_step}..{cfg.trainer.steps}; {launch.world_size} ranks started by {launch.launcher}, "
+             f"rendezvous {launch.master_addr}:{launch.master_port}")
         every = cfg.validation.every_steps
 
         def learn(groups, metrics: dict[str, float], weight_version: int) -> int:
