@@ -6,6 +6,7 @@ fail instead, so that CI cannot go green without having run the launchers.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,8 +22,8 @@ def _cluster(cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """SLURM_CONF of a running single-node cluster: the one CI started before pytest, or one started
-    here (and stopped at the end) when Slurm is installed but not running."""
+    """SLURM_CONF of the running local cluster (two nodes on this machine): the one CI started before
+    pytest, or one started here (and stopped at the end) when Slurm is installed but not running."""
     if not all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")):
         missing("Slurm (sbatch, slurmctld, slurmd, munged)", f"bash {LOCAL_CLUSTER.relative_to(REPO)} install")
     conf = str(slurm_dir() / "etc" / "slurm.conf")
@@ -31,7 +32,12 @@ def slurm_cluster():
         res = _cluster("start")
         assert res.returncode == 0, f"local Slurm cluster did not start:\n{res.stdout}\n{res.stderr}"
         started_here = True
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                           env={**os.environ, "SLURM_CONF": conf}).stdout.split()
     try:
+        if len(set(nodes)) < 2:
+            missing(f"a 2-node local Slurm cluster (running: {sorted(set(nodes))})",
+                    f"bash {LOCAL_CLUSTER.relative_to(REPO)} stop && bash {LOCAL_CLUSTER.relative_to(REPO)} start")
         yield conf
     finally:
         if started_here:

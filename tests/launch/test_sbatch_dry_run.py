@@ -68,10 +68,11 @@ def test_gpu_cluster_plan(stub_bin):
         assert cmd[cmd.index("--model-path") + 1] == "runs/demo_model/model"  # model.path of the config
     assert sum(line.endswith("&") for line in res.stdout.splitlines()) == 4
     # the learner: every learner node, 8 ranks each, the servers' URLs, the user's overrides last
-    assert trainer[:5] == ["srun", "--nodes=3", "-w", ",".join(learner), "--ntasks-per-node=8"]
-    assert trainer[5:11] == ["python", "-m", "erc_megatron.cli", "train", "--config", str(CONFIG)]
-    urls = json.loads(trainer[11].split("=", 1)[1])
-    assert trainer[11].startswith("rollout.server_urls=") and trainer[12:] == ["trainer.steps=3"]
+    # --ntasks given: srun would otherwise inherit the job's SLURM_NTASKS, which counts the rollout node
+    assert trainer[:6] == ["srun", "--nodes=3", "--ntasks=24", "-w", ",".join(learner), "--ntasks-per-node=8"]
+    assert trainer[6:12] == ["python", "-m", "erc_megatron.cli", "train", "--config", str(CONFIG)]
+    urls = json.loads(trainer[12].split("=", 1)[1])
+    assert trainer[12].startswith("rollout.server_urls=") and trainer[13:] == ["trainer.steps=3"]
     assert urls == [f"http://{rollout[0]}:{30000 + g}" for g in (0, 2, 4, 6)]
     env = dict(line.split(" ", 1)[1].split("=", 1) for line in res.stdout.splitlines() if line.startswith("export "))
     assert env == {"MASTER_ADDR": learner[0], "MASTER_PORT": "29500", "OMP_NUM_THREADS": "8",
@@ -82,22 +83,22 @@ def test_gpu_cluster_plan(stub_bin):
 
 def test_cpu_cluster_plan_with_rollout_node_and_with_embedded_server(stub_bin):
     res = _dry_run(stub_bin, {"SLURM_JOB_NODELIST": "cpu[1-2]", "SLURM_NTASKS_PER_NODE": "4", "ROLLOUT_NODES": "1",
-                              "MASTER_PORT": "12345"})
+                              "MASTER_PORT": "12345"}, "model.path=/models/a", "model.path=/models/b")
     assert res.returncode == 0, res.stderr
     server, trainer = _srun_lines(res.stdout)
     assert server == ["srun", "--nodes=1", "--ntasks=1", "-w", "cpu1", "python", "-m", "erc_megatron.cli", "serve",
-                      "--model-path", "runs/demo_model/model", "--host", "0.0.0.0", "--port", "30000",
+                      "--model-path", "/models/b", "--host", "0.0.0.0", "--port", "30000",  # the last override
                       "--num-threads", "1"]
-    assert trainer[:5] == ["srun", "--nodes=1", "-w", "cpu2", "--ntasks-per-node=4"]
-    assert trainer[11] == 'rollout.server_urls=["http://cpu1:30000"]'
+    assert trainer[:6] == ["srun", "--nodes=1", "--ntasks=4", "-w", "cpu2", "--ntasks-per-node=4"]
+    assert trainer[12:] == ['rollout.server_urls=["http://cpu1:30000"]', "model.path=/models/a", "model.path=/models/b"]
     assert "export MASTER_ADDR=cpu2" in res.stdout and "export MASTER_PORT=12345" in res.stdout
 
     # ROLLOUT_NODES defaults to 0 on CPU: the learner spans every node and rank 0 starts the embedded server
     res = _dry_run(stub_bin, {"SLURM_JOB_NODELIST": "cpu[1-2]", "SLURM_NTASKS_PER_NODE": "2"})
     assert res.returncode == 0, res.stderr
     (trainer,) = _srun_lines(res.stdout)
-    assert trainer[:5] == ["srun", "--nodes=2", "-w", "cpu1,cpu2", "--ntasks-per-node=2"]
-    assert trainer[11] == "rollout.server_urls=[]"
+    assert trainer[:6] == ["srun", "--nodes=2", "--ntasks=4", "-w", "cpu1,cpu2", "--ntasks-per-node=2"]
+    assert trainer[12] == "rollout.server_urls=[]"
     assert "export MASTER_ADDR=cpu1" in res.stdout and "device=cpu" in res.stdout
 
 
