@@ -49,7 +49,7 @@ def _srun_lines(out: str) -> list[list[str]]:
     return cmds
 
 
-def test_gpu_cluster_plan(stub_bin):
+def test_gpu_cluster_plan(stub_bin, tmp_path):
     nodelist = "node[01-03],gpu7"
     res = _dry_run(stub_bin, {"SLURM_JOB_NODELIST": nodelist, "SLURM_GPUS_ON_NODE": "8", "SGLANG_TP": "2",
                               "ROLLOUT_NODES": "1", "NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5"},
@@ -58,16 +58,27 @@ def test_gpu_cluster_plan(stub_bin):
     nodes = expand_slurm_nodelist(nodelist)
     rollout, learner = nodes[:1], nodes[1:]
     cmds = _srun_lines(res.stdout)
-    servers, trainer = cmds[:-1], cmds[-1]
-    # one SGLang server per 2 GPUs on the rollout node, each on its own GPUs and port, in the background
-    assert len(servers) == 4
-    for i, cmd in enumerate(servers):
-        assert cmd[:8] == ["srun", "--nodes=1", "--ntasks=1", "-w", rollout[0], "--gpus-per-task=2",
-                           f"--export=ALL,CUDA_VISIBLE_DEVICES={2 * i},{2 * i + 1}", "python"]
-        assert cmd[cmd.index("--port") + 1] == str(30000 + 2 * i) and cmd[cmd.index("--tp-size") + 1] == "2"
-        assert cmd[cmd.index("--model-path") + 1] == "runs/demo_model/model"  # model.path of the config
-    assert sum(line.endswith("&") for line in res.stdout.splitlines()) == 4
-    # the learner: every learner node, 8 ranks each, the servers' URLs, the user's overrides last
+    (servers, trainer) = cmds
+    # one step on the rollout node holding its 8 GPUs, in the background, running 4 SGLang servers
+    assert servers[:9] == ["srun", "--nodes=1", "--ntasks=1", "-w", rollout[0], "--gpus-per-task=8", "bash", "-c",
+                           servers[8]]
+    assert sum(line.endswith("&") for line in res.stdout.splitlines()) == 1
+    # run the step's script with a `python` that records what each server was given
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES|$*" >> started.txt\n')
+    (fake / "python").chmod(0o755)
+    subprocess.run(["bash", "-c", servers[8]], cwd=tmp_path, env={"PATH": f"{fake}:/usr/bin:/bin"}, check=True,
+                   timeout=30)
+    started = sorted((tmp_path / "started.txt").read_text().splitlines(), key=lambda ln: int(ln.split("--port ")[1].split()[0]))
+    assert len(started) == 4
+    for i, line in enumerate(started):
+        devices, args = line.split("|")
+        assert devices == f"{2 * i},{2 * i + 1}"
+        assert args == (f"-m sglang.launch_server --model-path runs/demo_model/model --host 0.0.0.0 --port {30000 + 2 * i} "
+                        "--tp-size 2 --mem-fraction-static 0.7")  # model.path of the config
+        assert (tmp_path / f"sglang-{rollout[0]}-{30000 + 2 * i}.log").exists()
+    # the learner: every learner node, 8 ranks each, the servers' URLs, the user's overrides last;
     # --ntasks given: srun would otherwise inherit the job's SLURM_NTASKS, which counts the rollout node
     assert trainer[:6] == ["srun", "--nodes=3", "--ntasks=24", "-w", ",".join(learner), "--ntasks-per-node=8"]
     assert trainer[6:12] == ["python", "-m", "erc_megatron.cli", "train", "--config", str(CONFIG)]
