@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
-        "mpi": ["mpi4py"],
+        "mpi": ["mpi4py>=4.1"],
         "dev": ["pytest>=7", "pytest-timeout", "openai"],
     },
     entry_points={"console_scripts": ["erc-megatron=erc_megatron.cli:main"]},

@@ -2,21 +2,21 @@
 parallel_state, refusing a layout that does not fit before any model is built.
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), srun (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST; MASTER_ADDR defaults to the first host of the
-node list), and mpirun (OMPI_COMM_WORLD_* / PMI_*; or call `erc_megatron.dist.mpi.bootstrap_from_mpi`
-first, which fills the variables from mpi4py).
+SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NODELIST; MASTER_ADDR defaults to the first host of the
+step's node list), and mpirun (OMPI_COMM_WORLD_* / PMI_* with MASTER_ADDR exported; or
+`erc_megatron.dist.mpi.bootstrap_from_mpi` first, which fills the variables from mpi4py).
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from erc_megatron.dist.nodelist import expand_slurm_nodelist
 from erc_megatron.model.config import ConfigError, ModelConfig, ParallelConfig, layout_errors
 
 log = logging.getLogger(__name__)
@@ -34,40 +34,30 @@ class LaunchEnv:
     launcher: str
 
 
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """'node[01-03,07],gpu5' -> ['node01', 'node02', 'node03', 'node07', 'gpu5'] (scontrol's syntax)."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-")
-                hosts.extend(f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
-    return hosts
-
-
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """torchrun's variables win (also set by `erc_megatron.dist.mpi`), then srun's, then mpirun's."""
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", "29500"))
+    mpi_rank = env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK"))
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                         env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
+                         env.get("MASTER_ADDR", "127.0.0.1"), port, "mpi" if mpi_rank is not None else "torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))[0]
+        # The step's node list, not the job's: `srun -w` may start the learner on a subset of the
+        # job's nodes (rollout nodes first), and rank 0 runs on the first node of the step.
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or expand_slurm_nodelist(nodes)[0]
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
                          addr, port, "slurm")
-    if "OMPI_COMM_WORLD_RANK" in env:
+    if mpi_rank is not None:
         if "MASTER_ADDR" not in env:
             raise ConfigError("started by mpirun without MASTER_ADDR: call erc_megatron.dist.mpi.bootstrap_from_mpi() "
-                              "or export MASTER_ADDR/MASTER_PORT")
-        return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                         int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")), env["MASTER_ADDR"], port, "mpi")
+                              "(python -m erc_megatron.dist.mpi train ...) or export MASTER_ADDR/MASTER_PORT")
+        size = env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE"))
+        if size is None:
+            raise ConfigError("started by mpirun without OMPI_COMM_WORLD_SIZE or PMI_SIZE in the environment")
+        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))
+        return LaunchEnv(int(mpi_rank), int(size), int(local), env["MASTER_ADDR"], port, "mpi")
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

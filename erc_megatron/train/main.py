@@ -153,7 +153,8 @@ def train(cfg) -> dict:
         if ckpt is not None:
             sync.sync(weight_version)
         dp = ps.get_data_parallel_world_size()
-        _say(f"training steps {start_step + 1}..{cfg.trainer.steps}")
+        _say(f"training steps {start_step + 1}..{cfg.trainer.steps} ({launch.world_size} ranks started by "
+             f"{launch.launcher}, rendezvous {launch.master_addr}:{launch.master_port})")
         every = cfg.validation.every_steps
 
         def learn(groups, metrics: dict[str, float], weight_version: int) -> int:

@@ -293,7 +293,7 @@ def test_console_shows_rank0_lines_once_and_no_third_party_warnings(baseline):
     for package in ("torch", "megatron-core", "transformers"):
         assert f"{package} {version(package)}" in env[0], (package, env[0])
     assert re.search(r"\| absent: .*Transformer Engine \(", env[0]), env[0]
-    for once in (r"\[erc-megatron\] training steps 1\.\.\d+$", r"\[erc-megatron\] final validation: "):
+    for once in (r"\[erc-megatron\] training steps 1\.\.\d+ \(4 ranks started by torchrun, rendezvous ", r"\[erc-megatron\] final validation: "):
         assert len([line for line in lines if re.match(once, line)]) == 1, (once, out[-6000:])
     assert [int(m) for m in re.findall(r"^step (\d+)/", out, re.M)] == list(range(1, STEPS + 1))
     assert re.search(rf"^step {STEPS}/{STEPS} \|.* \| ETA 0s$", out, re.M), out[-2000:]
