@@ -235,7 +235,7 @@ def train(cfg) -> dict:
             val = timed("validation", "final validation", lambda p: validate(client, val_set, cfg, reward_fn))
             logger.log(cfg.trainer.steps, {**val, "final": 1.0})
             final = {**final, **val}
-            _say(f"final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+            _say("final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
         if rank == 0:
             from erc_megatron.train.plot import plot_run
 

@@ -45,22 +45,9 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def demo_model(tmp_path_factory) -> Path:
-    """The CPU demo model, made in this process with a short warm-up (no extra launch)."""
-    import torch
-
-    from erc_megatron.data.demo_model import DemoModelConfig, WarmupConfig, make_demo
-    from erc_megatron.data.synthetic import AdditionTaskConfig
-
-    out = tmp_path_factory.mktemp("launch_demo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        make_demo(str(out), DemoModelConfig(), AdditionTaskConfig(num_train=400), WarmupConfig(steps=80),
-                  log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def demo_model(small_demo) -> Path:
+    """The CPU demo model (shared with the end-to-end tests)."""
+    return small_demo
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -14,7 +14,6 @@ submission to the first step are printed in the terminal summary.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ import pytest
 
 from erc_megatron.dist.nodelist import expand_slurm_nodelist
 from tests.distributed import free_port
+from tests.demo_runs import read_metrics
 from tests.launch.common import FIGURES, REPO, missing
 
 CONFIG = REPO / "examples" / "cpu_demo.yaml"
@@ -53,17 +53,7 @@ def _env(**extra: str) -> dict[str, str]:
             "MASTER_PORT": str(free_port()), **extra}
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # being written
-            pass
-    return out
+_records = read_metrics
 
 
 def _watch(proc: subprocess.Popen, run_dir: Path, t_submit: float, log: Path, on_timeout) -> float:

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from erc_megatron.model.config import ConfigError
+from tests.demo_runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "cpu_demo.yaml"
@@ -135,17 +136,7 @@ def _wait_for(condition, proc: subprocess.Popen, out_path: Path, what: str, time
         time.sleep(0.01)
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
-    return out
+_records = read_metrics
 
 
 def _by_step(records: list[dict]) -> dict[tuple[int, bool], dict]:
@@ -194,20 +185,8 @@ def _assert_same_weights(folder_a: Path, folder_b: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from erc_megatron.data.demo_model import DemoModelConfig, WarmupConfig, make_demo
-    from erc_megatron.data.synthetic import AdditionTaskConfig
-
-    out = tmp_path_factory.mktemp("demo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # a short warm-up: the wrong +1 answer dominates, sampled groups still mix right and wrong
-        make_demo(str(out), DemoModelConfig(), AdditionTaskConfig(num_train=400), WarmupConfig(steps=80),
-                  log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def demo(small_demo) -> Path:
+    return small_demo
 
 
 @pytest.fixture(scope="module")
