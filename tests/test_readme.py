@@ -370,15 +370,15 @@ def test_parser_finds_what_a_readme_holds():
     """The parser itself, on a made-up README (so a parsing bug cannot hide a broken claim)."""
     sample = ("Run `erc-megatron serve --model-path DIR [--port]` and `launch/x.sh N`.\n"
               "```bash\npip install -e \".[dev]\" && python -m pytest -q tests  # CI\n```\n"
-              "```\npkg/\n  sub/       text\n  a/ b/     two\ndocs/      more\n```\n"
+              "```\npkg/\n  sub/       text\n  a/ b/     two\nnotes/     more\n```\n"
               "Sections: `loss` (`eps_low`, `agg` token-mean, `fused: true`), `trainer.steps=3`, "
               "see `erc_megatron.cli`.\n"
-              "As in docs/spec/a.md, `erc_megatron.utils.console.say(msg,\n  more)` prints.\n")
+              "As in notes/spec/a.md, `erc_megatron.utils.console.say(msg,\n  more)` prints.\n")
     assert readme_commands(sample) == ['pip install -e ".[dev]"', "python -m pytest -q tests",
                                        "erc-megatron serve --model-path DIR [--port]", "launch/x.sh N"]
     assert named_paths(sample) == [("pkg/", True), ("pkg/sub/", True), ("pkg/a/", True), ("pkg/b/", True),
-                                   ("docs/", True), ("launch/x.sh", False), ("docs/spec/a.md", False)]
-    assert check_path("docs/", tree=True) and check_path("docs/") is None  # a run's output folder, say
+                                   ("notes/", True), ("launch/x.sh", False), ("notes/spec/a.md", False)]
+    assert check_path("notes/", tree=True) and check_path("notes/") is None  # a run's output folder, say
     assert dotted_names(sample) == ["erc_megatron.cli", "erc_megatron.utils.console.say"]
     assert config_keys_named(sample) == ["trainer.steps=3", "loss.eps_low", "loss.agg", "loss.fused"]
     assert check_path("launch/x.sh") and check_path("runs/demo/metrics.jsonl") is None
