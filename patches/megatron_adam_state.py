@@ -68,3 +68,8 @@ def set_adam_step_count(optimizer, model_params, step: int) -> None:
     for p in model_params:
         opt, main = _owner(optimizer, p)
         opt.state[main]["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def main_params(model_params) -> dict:
+    """{model parameter: its fp32 master copy} for the bf16/fp16 parameters (none for fp32 models)."""
+    return {p: p.main_param for p in model_params if getattr(p, "main_param", None) is not None}

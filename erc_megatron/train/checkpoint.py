@@ -15,8 +15,8 @@ Resuming with the same layout (TP, PP, world size) loads every rank's own file: 
 different layout, the weights and Adam moments are resharded from those folders (full tensors cut
 anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
 trainer.json; the RNG states start fresh (they are per rank; a warning says so). bf16/fp16 runs
-reshard their fp32 master weights from the model's own dtype. Nothing is unpickled: per-rank files
-load with `weights_only=True`.
+also write their fp32 master weights (`main_params/`), so nothing is rounded on the way. Nothing is
+unpickled: per-rank files load with `weights_only=True`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 MODEL_DIR = "model"
+MAIN_PARAMS_DIR = "main_params"
 
 
 def _rng_state() -> dict:
@@ -84,11 +85,15 @@ def _params_holding(tensors: dict):
 
 def _save_layout_free(folder: Path, learner) -> int:
     """Collective: model/ and the Adam moments as full-tensor checkpoints; returns Adam's step count."""
-    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, adam_step_count
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, adam_step_count, main_params
     from erc_megatron.weights.checkpoint_io import save_hf_checkpoint
 
     save_hf_checkpoint(learner.model, learner.model_config, str(folder / MODEL_DIR))
     params = _trainable(learner)
+    mains = main_params(params)
+    if mains:
+        with _params_holding(mains):
+            save_hf_checkpoint(learner.model, learner.model_config, str(folder / MAIN_PARAMS_DIR), dtype=torch.float32)
     steps = adam_step_count(learner.optimizer, params)
     if steps:
         for name in MOMENTS:
@@ -172,16 +177,17 @@ def _load_scheduler(learner, state: dict) -> None:
     learner.scheduler.load_state_dict(state)
 
 
-def load_checkpoint(folder: Path, learner) -> dict:
+def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
     """Load the checkpoint into this rank's learner; returns the trainer state (step, data position, ...).
 
-    Same layout: this rank's own file (bit-exact resume). Different layout: resharded weights,
-    fresh optimizer moments and RNG states (see the module docstring); collective either way.
+    Same layout: this rank's own file (bit-exact resume). Different layout, or `layout_free`: weights,
+    master weights and Adam moments resharded from the full-tensor folders, RNG states fresh (see the
+    module docstring). Collective either way.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer_state = json.loads((folder / "trainer.json").read_text())
     saved, now = trainer_state["layout"], _layout()
-    if saved != now:
+    if saved != now or layout_free:
         return _load_resharded(folder, learner, trainer_state, saved, now)
     path = folder / f"rank_{rank:05d}.pt"
     if not path.exists():
@@ -195,6 +201,7 @@ def load_checkpoint(folder: Path, learner) -> dict:
 
 
 def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now: dict) -> dict:
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, main_params, set_adam_step_count
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
     model_dir = folder / MODEL_DIR
@@ -203,13 +210,15 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
                                 f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version); "
                                 f"resume with the saved tensor/pipeline parallel sizes and world size")
     load_hf_checkpoint(learner.unwrapped, str(model_dir), learner.model_config)
-    # the fp32 master copies (bf16/fp16) must follow the loaded weights
+    # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
     learner.optimizer.reload_model_params()
+    params = _trainable(learner)
+    mains = main_params(params)
+    if mains and (folder / MAIN_PARAMS_DIR).exists():
+        with _params_holding(mains):
+            load_hf_checkpoint(learner.unwrapped, str(folder / MAIN_PARAMS_DIR), learner.model_config)
     steps = int(trainer_state.get("adam_steps", 0))
     if steps:
-        from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, set_adam_step_count
-
-        params = _trainable(learner)
         for name in MOMENTS:
             with _params_holding({p: adam_moment(learner.optimizer, p, name) for p in params}):
                 load_hf_checkpoint(learner.unwrapped, str(folder / f"adam_{name}"), learner.model_config)
@@ -217,7 +226,7 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
     _load_scheduler(learner, trainer_state["scheduler"])
     trainer_state["resharded_from"] = saved
     if not dist.is_initialized() or dist.get_rank() == 0:
-        message = (f"resuming {folder} on a different layout (saved {saved}, now {now}): weights, Adam moments "
+        message = (f"resuming {folder} from its layout-free copy (saved on {saved}, now {now}): weights, Adam moments "
                    f"({steps} steps), LR schedule, step and data position resharded/restored; RNG states start "
                    f"fresh from parallel.seed (they are per rank)")
         log.warning(message)

@@ -2,7 +2,8 @@
 step's losses, gradient norms and ERC statistics equal those of the run that kept its layout, within
 test_parallel_equivalence's tolerances, because weights AND Adam moments are resharded. Resuming at
 the saved layout stays bit-exact. A control resumes with the moments dropped and must differ, so
-the comparison can fail.
+the comparison can fail. The layout-free folders forced at the saved layout give the same next step,
+bit for bit, as the per-rank files: the format itself loses nothing.
 """
 import math
 import os
@@ -78,18 +79,21 @@ def _worker(rank, world_size, seed, run_dir):
     del learner
     ps.destroy_model_parallel()
 
-    for tp, pp, drop_moments in [(*RESHARDED[0], False), (*RESHARDED[1], False), (*RESHARDED[0], True), (*SAVED, False)]:
+    # (tp, pp, drop the Adam moments after loading, force the layout-free folders)
+    variants = [(*RESHARDED[0], False, False), (*RESHARDED[1], False, False), (*RESHARDED[0], True, False),
+                (*SAVED, False, False), (*SAVED, False, True)]
+    for tp, pp, drop_moments, layout_free in variants:
         learner = learner_at(tp, pp)
-        state = load_checkpoint(latest_checkpoint(run_dir), learner)
+        state = load_checkpoint(latest_checkpoint(run_dir), learner, layout_free=layout_free)
         assert state["step"] == 1 and state["weight_version"] == 1 and state["data"] == data_state, state
-        assert ("resharded_from" in state) == ((tp, pp) != SAVED), state
+        assert ("resharded_from" in state) == ((tp, pp) != SAVED or layout_free), state
         assert learner.scheduler.num_steps == 3, learner.scheduler.num_steps
         if drop_moments:
             from erc_megatron.patches.megatron_adam_state import _torch_optimizers
 
             for opt in _torch_optimizers(learner.optimizer):
                 opt.state.clear()
-        results[(tp, pp, drop_moments)] = _step(learner, _rollout(seed + 1), cfg)
+        results[(tp, pp, drop_moments, layout_free)] = _step(learner, _rollout(seed + 1), cfg)
         del learner
         ps.destroy_model_parallel()
     return results
@@ -103,15 +107,16 @@ def test_resume_on_another_layout_matches_the_run_that_kept_its_layout(tmp_path)
     for results in per_rank:
         ref = results["uninterrupted"]
         assert len(ref) == 3 and any(s["erc/in_band_frac"] < 1.0 for s in ref), ref
-        # same layout: the per-rank files, bit for bit
-        assert results[(*SAVED, False)] == ref
+        # same layout: the per-rank files, and the layout-free folders, bit for bit
+        assert results[(*SAVED, False, False)] == ref
+        assert results[(*SAVED, False, True)] == ref
         for tp, pp in RESHARDED:
-            for update, (got, want) in enumerate(zip(results[(tp, pp, False)], ref)):
+            for update, (got, want) in enumerate(zip(results[(tp, pp, False, False)], ref)):
                 for k in KEYS:
                     assert math.isclose(got[k], want[k], rel_tol=2e-5, abs_tol=1e-6), \
                         f"seed {seed} TP{tp}xPP{pp} update {update} {k}: {got[k]} vs {want[k]}"
         # without the moments the first update still matches (same weights) but the next ones do not
-        dropped = results[(*RESHARDED[0], True)]
+        dropped = results[(*RESHARDED[0], True, False)]
         assert math.isclose(dropped[0]["pg/loss"], ref[0]["pg/loss"], rel_tol=2e-5, abs_tol=1e-6)
         assert any(not math.isclose(d["pg/loss"], r["pg/loss"], rel_tol=2e-5, abs_tol=1e-6)
                    for d, r in zip(dropped[1:], ref[1:])), (dropped, ref)
