@@ -85,9 +85,17 @@ def _params_holding(tensors: dict):
 
 def _save_layout_free(folder: Path, learner) -> int:
     """Collective: model/ and the Adam moments as full-tensor checkpoints; returns Adam's step count."""
+    from erc_megatron.model.config import ConfigError
     from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, adam_step_count, main_params
     from erc_megatron.weights.checkpoint_io import save_hf_checkpoint
+    from erc_megatron.weights.hf_convert import check_hf_compatible
 
+    try:
+        check_hf_compatible(learner.model_config)
+    except ConfigError as exc:
+        # a model built from a Hugging Face config always maps; a hand-made ModelConfig may not
+        log.warning("checkpoint %s: no layout-free copy, so it resumes only on its own layout (%s)", folder, exc)
+        return 0
     save_hf_checkpoint(learner.model, learner.model_config, str(folder / MODEL_DIR))
     params = _trainable(learner)
     mains = main_params(params)
@@ -207,7 +215,8 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
     model_dir = folder / MODEL_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {folder} was saved with layout {saved}, this run has {now}, and it "
-                                f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version); "
+                                f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version, or the model maps to no Hugging Face "
+                                f"architecture); "
                                 f"resume with the saved tensor/pipeline parallel sizes and world size")
     load_hf_checkpoint(learner.unwrapped, str(model_dir), learner.model_config)
     # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
