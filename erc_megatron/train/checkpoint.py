@@ -215,8 +215,9 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
     model_dir = folder / MODEL_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {folder} was saved with layout {saved}, this run has {now}, and it "
-                                f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version, or the model "
-                                f"maps to no Hugging Face architecture); resume with the saved tensor/pipeline parallel sizes and world size")
+                                f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version, or the "
+                                f"model maps to no Hugging Face architecture); resume with the saved tensor/pipeline "
+                                f"parallel sizes and world size")
     load_hf_checkpoint(learner.unwrapped, str(model_dir), learner.model_config)
     # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
     learner.optimizer.reload_model_params()
