@@ -8,6 +8,7 @@ from erc_megatron.algo.advantages import (
     overlong_penalty,
 )
 from erc_megatron.algo.policy_loss import PolicyLossConfig, aggregation_denominator, policy_loss
+from erc_megatron.algo.surrogates import SURROGATES, register_surrogate, resolve_surrogate
 from erc_megatron.algo.positive_nll import positive_nll_denominator, positive_nll_loss
 from erc_megatron.algo.stats import StepStats, reduce_step_metrics
 
@@ -15,6 +16,7 @@ __all__ = [
     "DynamicSampler",
     "DynamicSamplingExhausted",
     "PolicyLossConfig",
+    "SURROGATES",
     "StepStats",
     "aggregation_denominator",
     "broadcast_to_tokens",
@@ -25,4 +27,6 @@ __all__ = [
     "positive_nll_denominator",
     "positive_nll_loss",
     "reduce_step_metrics",
+    "register_surrogate",
+    "resolve_surrogate",
 ]

@@ -18,12 +18,10 @@ from typing import Mapping
 
 import torch
 
+from erc_megatron.algo.surrogates import LOG_RATIO_CLAMP, SURROGATES, resolve_surrogate
 from erc_megatron.model.config import ConfigError
 
-SURROGATES = ("ppo_clip", "gppo", "cispo", "gspo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-# exp(20) ~ 5e8: far outside any clip band, yet finite in fp32 and its square too
-LOG_RATIO_CLAMP = 20.0
 ERC_EPS = 1e-8
 
 
@@ -32,7 +30,8 @@ class PolicyLossConfig:
     """How the per-token policy loss is built and aggregated."""
 
     surrogate: str = "ppo_clip"
-    """Base surrogate: ppo_clip (PPO/DAPO clip-higher), gppo (gradient-preserving clip), cispo or gspo."""
+    """Base surrogate: ppo_clip (PPO/DAPO clip-higher), gppo (gradient-preserving clip), cispo, gspo, a name
+    given to algo.surrogates.register_surrogate, or a 'package.module:function' path (algo/surrogates.py)."""
     eps_low: float = 0.2
     """The ratio is clipped below at 1 - eps_low (ppo_clip, gppo, cispo); in [0, 1)."""
     eps_high: float = 0.28
@@ -62,8 +61,7 @@ class PolicyLossConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.surrogate not in SURROGATES:
-            raise ConfigError(f"{name}.surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
+        resolve_surrogate(self.surrogate, f"{name}.surrogate")
         if self.agg not in AGGREGATIONS:
             raise ConfigError(f"{name}.agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         for field_name in ("eps_low", "gspo_eps_low"):
@@ -181,32 +179,6 @@ def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1.0)
 
 
-def _surrogate(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
-    """Per-token base loss and the 'clipped branch active' indicator."""
-    ratio = torch.exp(torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-    if cfg.surrogate == "cispo":
-        weight = torch.clamp(ratio, lo, hi).detach()
-        return -adv * weight * log_prob, (ratio < lo) | (ratio > hi)
-    if cfg.surrogate == "gspo":
-        lo, hi = 1.0 - cfg.gspo_eps_low, 1.0 + cfg.gspo_eps_high
-        seq_log_ratio = torch.where(mask, log_prob - old_log_prob, 0.0).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        seq_log_ratio = torch.clamp(seq_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
-        # value s_i on every token of sequence i, gradient s_i * grad(logp_t)
-        ratio = torch.exp(log_prob - log_prob.detach() + seq_log_ratio.unsqueeze(-1))
-        low_bound, high_bound = lo, hi
-    elif cfg.surrogate == "gppo":
-        # value exactly 1, gradient grad(logp): the clip bounds keep their value but carry beta-scaled gradient
-        carrier = ratio / ratio.detach() - 1.0
-        low_bound = lo * (1.0 + cfg.gppo_beta1 * carrier)
-        high_bound = hi * (1.0 + cfg.gppo_beta2 * carrier)
-    else:
-        low_bound, high_bound = lo, hi
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, low_bound, high_bound)
-    return torch.maximum(unclipped, clipped), clipped > unclipped
-
-
 def _aggregate(per_token, mask, mask_f, agg, global_denominator, seq_token_counts):
     contrib = torch.where(mask, per_token, 0.0)
     if agg == "token-mean":
@@ -286,7 +258,7 @@ def policy_loss(
     old_entropy = clean(old_entropy)
     entropy = clean(entropy, detach=False)
 
-    loss_tok, clipped = _surrogate(cfg, log_prob, old_log_prob, adv, mask)
+    loss_tok, clipped = resolve_surrogate(cfg.surrogate)(cfg, log_prob, old_log_prob, adv, mask)
     pg_before_dual = loss_tok
     if cfg.dual_clip:
         loss_tok = torch.where(adv < 0, torch.minimum(-adv * cfg.clip_ratio_c, loss_tok), loss_tok)

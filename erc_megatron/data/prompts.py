@@ -220,6 +220,11 @@ class PromptIterator:
         self.offset = 0
         self._order = self._epoch_order(0)
 
+    @classmethod
+    def from_config(cls, dataset: PromptDataset, config: DataConfig) -> "PromptIterator":
+        """The iterator a run uses: data.shuffle with data.seed."""
+        return cls(dataset, shuffle=config.shuffle, seed=config.seed)
+
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.dataset)))
         if self.shuffle:

@@ -12,13 +12,13 @@ passes them. Users extend the trainer by writing such a function in their own mo
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from erc_megatron.model.config import ConfigError
+from erc_megatron.utils.import_path import load_callable, split_path
 
 RewardFn = Callable[..., "float | dict"]
 DEFAULT_REWARD_FN = "erc_megatron.reward.math_reward:math_reward"
@@ -34,38 +34,14 @@ class RewardConfig:
     """Keyword arguments bound to the function, e.g. {reasoning_end_tag: "</think>"}."""
 
     def __post_init__(self) -> None:
-        _split_path(self.fn)
+        split_path(self.fn, "reward.fn")
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"reward.kwargs must be a mapping, got {self.kwargs!r}")
 
 
-def _split_path(path: str) -> tuple[str, str]:
-    if not isinstance(path, str) or not path.strip():
-        raise ConfigError(f"reward function path must look like 'package.module:function', got {path!r}")
-    module, sep, attr = path.strip().partition(":")
-    if not sep:
-        module, _, attr = module.rpartition(".")
-    if not module or not attr:
-        raise ConfigError(f"reward function path must look like 'package.module:function', got {path!r}")
-    return module, attr
-
-
 def load_reward_fn(path: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
     """Import the reward function at `path`; `kwargs` are bound to it with functools.partial."""
-    module_name, attr = _split_path(path)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"reward function {path!r}: module {module_name!r} not found ({exc})") from exc
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise ConfigError(f"reward function {path!r}: module {module_name!r} has no attribute {attr!r}; "
-                              f"callables there: {', '.join(public) or 'none'}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ConfigError(f"reward function {path!r}: {attr!r} is a {type(fn).__name__}, not callable")
+    fn = load_callable(path, "reward function")
     if kwargs:
         fn = functools.partial(fn, **kwargs)
         fn.__name__ = path  # type: ignore[attr-defined]

@@ -1,21 +1,38 @@
-"""Save and resume: model shard, optimizer, LR schedule and RNG states per rank, and the trainer
-state (step, data position, weight version) once.
+"""Save and resume: model shard, optimizer, LR schedule and RNG states per rank, the full model
+once in a layout-free form, and the trainer state (step, data position, weight version) once.
 
-Layout: RUN_DIR/checkpoints/step_000010/rank_00003.pt + trainer.json, and RUN_DIR/checkpoints/latest
-naming the newest complete one. Each file is written to a temporary name and renamed; `latest` is
+Layout: RUN_DIR/checkpoints/step_000010/{rank_00003.pt, model/, trainer.json}, and
+RUN_DIR/checkpoints/latest naming the newest complete one. `model/` is a Hugging Face safetensors
+checkpoint of the full tensors (written by the same converter as `erc-megatron convert`), so it
+also serves as an export. Each file is written to a temporary name and renamed; `latest` is
 updated only after every rank finished (barrier), so a run killed mid-save resumes from the
-previous complete checkpoint and nothing half-written is ever loaded. Resuming needs the same
-parallel layout (the shards are per rank); a different one is refused with both layouts named.
+previous complete checkpoint and nothing half-written is ever loaded.
+
+Adam's moments are written the same way, as fp32 checkpoints `adam_exp_avg/` and `adam_exp_avg_sq/`
+shaped like the weights they belong to.
+
+Resuming with the same layout (TP, PP, world size) loads every rank's own file: bit-exact. With a
+different layout, the weights and Adam moments are resharded from those folders (full tensors cut
+anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
+trainer.json; the RNG states start fresh (they are per rank; a warning says so). bf16/fp16 runs
+also write their fp32 master weights (`main_params/`), so nothing is rounded on the way. Nothing is
+unpickled: per-rank files load with `weights_only=True`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+MODEL_DIR = "model"
+MAIN_PARAMS_DIR = "main_params"
 
 
 def _rng_state() -> dict:
@@ -48,7 +65,54 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _trainable(learner) -> list[torch.nn.Parameter]:
+    return [p for p in learner.unwrapped.parameters() if p.requires_grad]
+
+
+@contextmanager
+def _params_holding(tensors: dict):
+    """Let each parameter's storage be another tensor of its shape for a while, so the weight
+    converters (which read and fill parameters) read or fill that tensor instead."""
+    saved = {p: p.data for p in tensors}
+    try:
+        for p, t in tensors.items():
+            p.data = t
+        yield
+    finally:
+        for p, d in saved.items():
+            p.data = d
+
+
+def _save_layout_free(folder: Path, learner) -> int:
+    """Collective: model/ and the Adam moments as full-tensor checkpoints; returns Adam's step count."""
+    from erc_megatron.model.config import ConfigError
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, adam_step_count, main_params
+    from erc_megatron.weights.checkpoint_io import save_hf_checkpoint
+    from erc_megatron.weights.hf_convert import check_hf_compatible
+
+    try:
+        check_hf_compatible(learner.model_config)
+    except ConfigError as exc:
+        # a model built from a Hugging Face config always maps; a hand-made ModelConfig may not
+        log.warning("checkpoint %s: no layout-free copy, so it resumes only on its own layout (%s)", folder, exc)
+        return 0
+    save_hf_checkpoint(learner.model, learner.model_config, str(folder / MODEL_DIR))
+    params = _trainable(learner)
+    mains = main_params(params)
+    if mains:
+        with _params_holding(mains):
+            save_hf_checkpoint(learner.model, learner.model_config, str(folder / MAIN_PARAMS_DIR), dtype=torch.float32)
+    steps = adam_step_count(learner.optimizer, params)
+    if steps:
+        for name in MOMENTS:
+            with _params_holding({p: adam_moment(learner.optimizer, p, name) for p in params}):
+                save_hf_checkpoint(learner.model, learner.model_config, str(folder / f"adam_{name}"),
+                                   dtype=torch.float32)
+    return steps
+
+
 def save_checkpoint(run_dir: str | Path, step: int, learner, trainer_state: dict, keep: int = 2) -> Path:
+    """Collective: every rank writes its own file, global rank 0 the layout-free folders and trainer.json."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = Path(run_dir) / "checkpoints"
     folder = root / f"step_{step:06d}"
@@ -58,9 +122,12 @@ def save_checkpoint(run_dir: str | Path, step: int, learner, trainer_state: dict
     tmp = folder / f".rank_{rank:05d}.pt.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, folder / f"rank_{rank:05d}.pt")
+    adam_steps = _save_layout_free(folder, learner)
     if rank == 0:
         tmp = folder / ".trainer.json.tmp"
-        tmp.write_text(json.dumps({**trainer_state, "step": step, "layout": _layout()}, indent=1))
+        tmp.write_text(json.dumps({**trainer_state, "step": step, "layout": _layout(),
+                                   "scheduler": learner.scheduler.state_dict(), "adam_steps": adam_steps},
+                                  indent=1))
         os.replace(tmp, folder / "trainer.json")
     _barrier()
     if rank == 0:
@@ -111,22 +178,66 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, learner) -> dict:
-    """Load this rank's shard and states; returns the trainer state (step, data position, ...)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    trainer_state = json.loads((folder / "trainer.json").read_text())
-    if trainer_state["layout"] != _layout():
-        raise RuntimeError(f"checkpoint {folder} was saved with layout {trainer_state['layout']}, this run has "
-                           f"{_layout()}: resume with the same tensor/pipeline parallel sizes and world size")
-    path = folder / f"rank_{rank:05d}.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {folder} has no shard for rank {rank} ({path.name})")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    learner.model.load_state_dict(payload["model"])
-    learner.optimizer.load_state_dict(payload["optimizer"])
+def _load_scheduler(learner, state: dict) -> None:
     # megatron's scheduler load steps the schedule forward BY the saved count (it assumes a fresh
     # scheduler): from zero, loading into a learner that already stepped lands on the saved step too
     learner.scheduler.num_steps = 0
-    learner.scheduler.load_state_dict(payload["scheduler"])
+    learner.scheduler.load_state_dict(state)
+
+
+def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
+    """Load the checkpoint into this rank's learner; returns the trainer state (step, data position, ...).
+
+    Same layout: this rank's own file (bit-exact resume). Different layout, or `layout_free`: weights,
+    master weights and Adam moments resharded from the full-tensor folders, RNG states fresh (see the
+    module docstring). Collective either way.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    trainer_state = json.loads((folder / "trainer.json").read_text())
+    saved, now = trainer_state["layout"], _layout()
+    if saved != now or layout_free:
+        return _load_resharded(folder, learner, trainer_state, saved, now)
+    path = folder / f"rank_{rank:05d}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {folder} has no shard for rank {rank} ({path.name})")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    learner.model.load_state_dict(payload["model"])
+    learner.optimizer.load_state_dict(payload["optimizer"])
+    _load_scheduler(learner, payload["scheduler"])
     _set_rng_state(payload["rng"])
+    return trainer_state
+
+
+def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now: dict) -> dict:
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, main_params, set_adam_step_count
+    from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
+
+    model_dir = folder / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"checkpoint {folder} was saved with layout {saved}, this run has {now}, and it "
+                                f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version, or the "
+                                f"model maps to no Hugging Face architecture); resume with the saved tensor/pipeline "
+                                f"parallel sizes and world size")
+    load_hf_checkpoint(learner.unwrapped, str(model_dir), learner.model_config)
+    # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
+    learner.optimizer.reload_model_params()
+    params = _trainable(learner)
+    mains = main_params(params)
+    if mains and (folder / MAIN_PARAMS_DIR).exists():
+        with _params_holding(mains):
+            load_hf_checkpoint(learner.unwrapped, str(folder / MAIN_PARAMS_DIR), learner.model_config)
+    steps = int(trainer_state.get("adam_steps", 0))
+    if steps:
+        for name in MOMENTS:
+            with _params_holding({p: adam_moment(learner.optimizer, p, name) for p in params}):
+                load_hf_checkpoint(learner.unwrapped, str(folder / f"adam_{name}"), learner.model_config)
+        set_adam_step_count(learner.optimizer, params, steps)
+    _load_scheduler(learner, trainer_state["scheduler"])
+    trainer_state["resharded_from"] = saved
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        message = (f"resuming {folder} from its layout-free copy (saved on {saved}, now {now}): weights, Adam moments "
+                   f"({steps} steps), LR schedule, step and data position resharded/restored; RNG states start "
+                   f"fresh from parallel.seed (they are per rank)")
+        log.warning(message)
+        print(f"[erc-megatron] WARNING: {message}", flush=True)
     return trainer_state

@@ -77,8 +77,20 @@ class RolloutConfig:
     server. None: no key (the embedded server then listens on 127.0.0.1 only)."""
 
     def __post_init__(self) -> None:
-        if self.n_samples_per_prompt < 1:
-            raise ConfigError(f"rollout.n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
+        for url in self.server_urls:
+            if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+                raise ConfigError(f"rollout.server_urls entries must be http:// or https:// URLs, got {url!r}")
+        for name in ("n_samples_per_prompt", "embedded_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        for name in ("request_timeout_s", "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"rollout.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_retries", "max_extra_rounds", "embedded_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for RL (the learner divides logits by it), "
                               f"got {self.temperature}")
@@ -110,6 +122,19 @@ class ValidationConfig:
     max_response_length: int | None = None
     """Defaults to rollout.max_response_length."""
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"validation.every_steps must be >= 0 (0 disables), got {self.every_steps}")
+        if self.n_samples < 1:
+            raise ConfigError(f"validation.n_samples must be >= 1, got {self.n_samples}")
+        if not self.temperature > 0:
+            raise ConfigError(f"validation.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"validation.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_prompts", "max_response_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"validation.{name} must be >= 1 or null, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainerConfig:
@@ -132,7 +157,7 @@ class TrainerConfig:
     resume: bool = True
     """Resume from the newest checkpoint in run_dir if there is one."""
     seed: int = 1234
-    """Data order and sampling seed."""
+    """Rollout sampling seed (each request's sampling_seed derives from it); data order is data.seed."""
     profile_comm: bool = False
     """Record every collective and p2p op of the steps in profile_steps on every rank; writes
     comm_profile.json, comm_profile.png and comm_trace.json to run_dir and prints a table (README,
@@ -141,6 +166,10 @@ class TrainerConfig:
     """1-based steps to profile when profile_comm is on (e.g. [2, 3]); empty: every step."""
 
     def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("trainer.run_dir must be a directory path, got ''")
+        if self.seed < 0:
+            raise ConfigError(f"trainer.seed must be >= 0, got {self.seed}")
         for name in ("steps", "prompts_per_step", "prompts_per_minibatch", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
@@ -157,6 +186,20 @@ class TrainerConfig:
 
 
 @dataclass
+class LogitsSection(LogitsConfig):
+    """How per-token log-probs and entropies are taken from the vocab-parallel logits."""
+
+    temperature: float | None = None
+    """Leave unset: the learner divides logits by rollout.temperature; any other value is refused."""
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            super().__post_init__()
+        elif self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"logits.chunk_size must be >= 1 or null, got {self.chunk_size}")
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs."""
 
@@ -164,7 +207,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    logits: LogitsConfig = field(default_factory=LogitsConfig)
+    logits: LogitsSection = field(default_factory=LogitsSection)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -177,4 +220,8 @@ class RunConfig:
         if self.data.train_path is None:
             raise ConfigError("data.train_path is required (JSONL or Parquet)")
         # the learner must see the distribution the rollout engine sampled from
+        if self.logits.temperature is not None and self.logits.temperature != self.rollout.temperature:
+            raise ConfigError(f"logits.temperature ({self.logits.temperature}) must equal rollout.temperature "
+                              f"({self.rollout.temperature}) or be left unset: the learner must see the "
+                              "distribution the rollout engine sampled from")
         self.logits.temperature = self.rollout.temperature

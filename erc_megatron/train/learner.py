@@ -44,10 +44,15 @@ class OptimConfig:
         if self.lr_warmup_steps < 0 or self.lr_decay_steps <= 0:
             raise ConfigError("optim.lr_warmup_steps must be >= 0 and optim.lr_decay_steps > 0, got "
                               f"{self.lr_warmup_steps} and {self.lr_decay_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError(f"optim.adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass

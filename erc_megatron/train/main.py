@@ -22,6 +22,12 @@ log = logging.getLogger("erc_megatron.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from erc_megatron.train.config import RunConfig
+    from erc_megatron.utils.config_docs import describe
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "config fields (YAML section.key, or a section.key=value override):\n" + "\n".join(
+        "  " + line for line in describe(RunConfig))
     parser.add_argument("--config", required=True, help="recipe YAML (see examples/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.steps=10")
 
@@ -135,7 +141,7 @@ def train(cfg) -> dict:
         nonlocal servers, client, iterator, val_set, reward_fn, logger
         train_set = load_prompt_dataset(cfg.data.train_path, cfg.data, tokenizer)
         val_set = load_prompt_dataset(cfg.data.val_path, cfg.data, tokenizer) if cfg.data.val_path else None
-        iterator = PromptIterator(train_set, shuffle=cfg.data.shuffle, seed=cfg.trainer.seed)
+        iterator = PromptIterator.from_config(train_set, cfg.data)
         if data_state:
             iterator.load_state_dict(data_state)
         reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.kwargs)

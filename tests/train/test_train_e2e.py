@@ -403,7 +403,8 @@ def test_config_error_names_field_and_allowed_values(override, message):
 
 @pytest.mark.parametrize("override, message", [
     ("loss.erc_low=1.5", r"loss\.erc_low must be in \(0, 1\).*got 1\.5"),
-    ("loss.surrogate=foo", r"loss\.surrogate must be one of \('ppo_clip', 'gppo', 'cispo', 'gspo'\), got 'foo'"),
+    ("loss.surrogate=foo", r"loss\.surrogate must be one of \('ppo_clip', 'gppo', 'cispo', 'gspo'\) "
+                           r"or a 'package\.module:function' path, got 'foo'"),
     ("model.params_dtype=fp8", r"model\.params_dtype must be one of .*float32.*got 'fp8'"),
     ("trainer.save_every=-1", r"trainer\.save_every must be >= 0, got -1"),
 ])
