@@ -85,6 +85,8 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k != -1 and self.top_k < 1:
             raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
+            raise ConfigError("rollout.api_key must be a non-empty string without whitespace, or null (no key)")
         for name in ("request_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"rollout.{name} must be > 0, got {getattr(self, name)}")

@@ -75,6 +75,7 @@ BAD = {
     "rollout.overlong_buffer": ("100", "[0, max_response_length"),
     "rollout.embedded_seed": ("-1", ">= 0"),
     "rollout.embedded_threads": ("0", ">= 1"),
+    "rollout.api_key": ("''", "non-empty string without whitespace, or null"),
     "validation.every_steps": ("-1", ">= 0"),
     "validation.n_samples": ("0", ">= 1"),
     "validation.temperature": ("0", "> 0"),
@@ -90,6 +91,8 @@ BAD = {
     "trainer.save_every": ("-1", ">= 0"),
     "trainer.resume": ("maybe", "true or false"),
     "trainer.seed": ("-1", ">= 0"),
+    "trainer.profile_comm": ("maybe", "true or false"),
+    "trainer.profile_steps": ("[0]", "1..trainer.steps"),
 }
 # Fields where every value of the annotated type is meaningful.
 FREE = {"rollout.stop", "data.system_prompt"}
