@@ -9,7 +9,14 @@
 # installed too: about 2.7 GB of wheels, 4.7 GB installed. On a CPU machine torch then runs on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
+# the first Python 3.12 that runs (a pyenv shim answers to `python3.12` even where 3.12 is not selected)
+PY=${PYTHON312:-}
+if [ -z "$PY" ]; then
+  for cand in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do
+    if "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY=$cand; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "run_py312: no Python 3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 1; }
 VENV=${VENV312:-.venv312}
 MCORE=${MCORE_VERSION:-0.19.2}
 t0=$SECONDS
