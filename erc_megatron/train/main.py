@@ -134,7 +134,8 @@ def train(cfg) -> dict:
 
     try:
         _on_rank0(setup_rank0)
-        sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20)
+        sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20,
+                          mode=cfg.rollout.weight_sync_mode)
         # the servers load model.path; after a resume they must get the learner's weights first
         if ckpt is not None:
             sync.sync(weight_version)
