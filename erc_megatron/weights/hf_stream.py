@@ -8,9 +8,10 @@ rank of the model runs it. Who receives buckets (`destination`):
 - "rank0": the stage leaders send each bucket as one flat tensor (one p2p message per bucket,
   at most one in flight) to the first stage's leader, global rank 0 in megatron's rank order,
   which yields every bucket, its own stage first: one sender, one extra hop for later stages.
-Cost per stage: one all-gather over the TP group per gather group (consecutive parameters of up
-to `bucket_bytes` in full size; replicated norms travel in no collective). All-gather rather than
-gather, because it is NCCL's fastest collective; only the leader keeps the result. Other data /
+Cost per stage: one collective over the TP group per gather group (consecutive parameters of up
+to `bucket_bytes` in full size; replicated norms travel in no collective): on NCCL an all-gather
+(its fastest collective), on gloo a gather to TP rank 0, the only rank that keeps the result
+(half the bytes of an all-gather at TP2, which on CPU compete with the sync's broadcast). Other data /
 context-parallel replicas hold the same weights and do nothing.
 
 Bucket contents follow from the config alone (`plan_hf_buckets`), so every rank knows each
@@ -180,8 +181,17 @@ def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: to
     if g.tp_size == 1 or not split:
         return local
     flat = torch.cat([local[u.local_name].reshape(-1) for u in split])
-    gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
-    _all_gather_flat(gathered, flat, group=g.tp_group)
+    if dist.get_backend(g.tp_group) == "gloo":
+        # only TP rank 0 keeps the result: a gather moves (tp-1)/tp of an all-gather's bytes, and on
+        # CPU those bytes cost the same cores the sync's broadcast needs
+        gathered = torch.empty(g.tp_size * flat.numel() if g.tp_rank == 0 else 0, dtype=dtype, device=flat.device)
+        rows = list(gathered.view(g.tp_size, -1)) if g.tp_rank == 0 else None
+        dist.gather(flat, rows, dst=dist.get_global_rank(g.tp_group, 0), group=g.tp_group)
+        if g.tp_rank != 0:
+            return local
+    else:
+        gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
+        _all_gather_flat(gathered, flat, group=g.tp_group)
     gathered = gathered.view(g.tp_size, -1)
     out = dict(local)
     offset = 0
