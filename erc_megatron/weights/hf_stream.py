@@ -18,9 +18,9 @@ Bucket contents follow from the config alone (`plan_hf_buckets`), so every rank 
 bucket's names, shapes and dtype before any tensor exists (a sender can announce a bucket to
 SGLang while it is gathered). A bucket holds at most `bucket_bytes`, except that a single tensor
 larger than that travels alone. All tensors are cast to one dtype (`dtype`, default the model's
-params_dtype) before they are gathered. Tensors received from another stage are views of one
-flat buffer per bucket; others may alias the model's parameters (TP1, norms): do not modify them,
-and copy what must outlive the next optimizer step.
+params_dtype) before they are gathered. A bucket's tensors are views of one flat buffer (filled
+by one copy per tensor, straight from the merged TP shards), which a sender sends as is; a new
+buffer per bucket, so a bucket stays valid after the next optimizer step.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     own = _stage_buckets([u for u in units if not u.tied_copy], params, model_cfg, plan[g.pp_rank], g, out_dtype,
                          bucket_bytes)
     if destination == "stage" or g.pp_size == 1:
-        yield from own
+        yield from (bucket for bucket, _ in own)
         return
     if g.tp_rank != 0:
         for _ in own:  # runs this rank's part of the TP gathers
@@ -124,15 +124,14 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     first = dist.get_global_rank(g.pp_group, 0)
     if g.pp_rank != 0:
         in_flight = None
-        for bucket in own:
-            flat = torch.cat([t.reshape(-1) for _, t in bucket])
+        for _, flat in own:
             if in_flight is not None:
                 in_flight[0].wait()
             in_flight = (dist.isend(flat, dst=first, group=g.pp_group), flat)
         if in_flight is not None:
             in_flight[0].wait()
         return
-    yield from own
+    yield from (bucket for bucket, _ in own)
     device = next(iter(params.values())).device
     for stage in range(1, g.pp_size):
         src = dist.get_global_rank(g.pp_group, stage)
@@ -205,8 +204,9 @@ def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: to
 
 
 def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan: list[list[HFTensorSpec]],
-                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[Bucket]:
-    """This stage's buckets in plan order on TP rank 0; other TP ranks only take part in the gathers."""
+                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[tuple[Bucket, torch.Tensor]]:
+    """This stage's buckets in plan order on TP rank 0, each with the one flat buffer its tensors are
+    views of (what a sender sends as is); other TP ranks only take part in the gathers."""
     element_size = torch.empty((), dtype=dtype).element_size()
     pending = iter(plan)
     want = next(pending, None)
@@ -217,13 +217,16 @@ def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan
             continue
         for u in group:
             for name, tensor in hf_from_megatron(u.full_name, full[u.local_name], cfg):
-                ready[name] = tensor.contiguous()
+                ready[name] = tensor  # may be a strided view: copied once, into the bucket's buffer
         while want is not None and all(s.name in ready for s in want):
-            bucket = [(s.name, ready.pop(s.name)) for s in want]
-            for (name, tensor), s in zip(bucket, want):
-                if tuple(tensor.shape) != s.shape:
-                    raise RuntimeError(f"{name}: produced shape {tuple(tensor.shape)}, planned {s.shape}")
-            yield bucket
+            for s in want:
+                if tuple(ready[s.name].shape) != s.shape:
+                    raise RuntimeError(f"{s.name}: produced shape {tuple(ready[s.name].shape)}, planned {s.shape}")
+            flat = torch.empty(sum(s.numel for s in want), dtype=dtype, device=ready[want[0].name].device)
+            views = _views(flat, want)
+            for s, view in zip(want, views):
+                view.copy_(ready.pop(s.name))
+            yield list(zip((s.name for s in want), views)), flat
             want = next(pending, None)
     if g.tp_rank == 0 and (want is not None or ready):
         raise RuntimeError(f"bucket plan and produced tensors disagree: left {sorted(ready)[:4]}, "
