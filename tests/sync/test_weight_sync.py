@@ -444,3 +444,16 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
         assert err is not None, f"rank {r['rank']}: sync to a dead server did not raise"
         assert url in err and "Connection refused" in err, err
         assert r["unreachable_s"] < FAIL_BOUND_S, f"rank {r['rank']} took {r['unreachable_s']:.1f}s"
+
+
+def test_weight_sync_mode_is_validated():
+    from erc_megatron.model.config import ConfigError
+    from erc_megatron.sync.weight_sync import WeightSync
+    from erc_megatron.train.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"rollout\.weight_sync_mode must be one of \['distributed', 'tensor'\], "
+                                          r"got 'shm'"):
+        RolloutConfig(weight_sync_mode="shm")
+    assert RolloutConfig(weight_sync_mode="tensor").weight_sync_mode == "tensor"
+    with pytest.raises(ValueError, match=r"mode must be one of \('distributed', 'tensor'\), got 'disk'"):
+        WeightSync(None, None, None, bucket_bytes=1, mode="disk")
