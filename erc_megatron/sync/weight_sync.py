@@ -287,7 +287,7 @@ class WeightSync:
         except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
             ok, error = False, f"{type(exc).__name__}: {exc}"
             self._retire_if_gone(exc)
-        # The next bucket is gathered (TP all-gathers, the hop from later stages, flattening) in a
+        # The next bucket is gathered (TP gathers, the hop from later stages, flattening) in a
         # thread while this one is announced and broadcast; after a failure the rest are still
         # gathered, because the other ranks take part in those collectives.
         prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
