@@ -19,7 +19,9 @@ bucket size, on the same weight-update group (rank 0 + the server), each after o
            broadcast only inside /update_weights_from_distributed, so each bucket is announced
            as ONE uint8 tensor under a name the model does not have: the server receives it and
            then refuses to apply it (an HTTP round trip + the broadcast + one server-side copy);
-  flat     the same floor with ONE broadcast of all bytes.
+  flat     the same floor with ONE broadcast of all bytes;
+  tensor   colocated mode, `WeightSync(mode="tensor")` end to end: the same gathers, then each bucket
+           copied into shared memory and POSTed to /update_weights_from_tensor (handles only).
 
 Wall times are medians over --repeats, taken on rank 0 between a barrier and the end of the
 collective. MB/s = bytes / seconds (MB = 2**20 bytes). Numbers on a shared CPU box are noisy.
@@ -134,6 +136,17 @@ def run(rank: int, args, path: str) -> None:
             if rank == 0:
                 assert sync.last_bytes == sum(sizes), (sync.last_bytes, sum(sizes))
                 assert client.get_weight_version()[server.url] == str(version)
+            colocated = WeightSync(learner, cfg, client, bucket_bytes, dtype=wire, timeout_s=1800, mode="tensor")
+
+            def one_tensor_sync():
+                nonlocal version
+                version += 1
+                colocated.sync(version)
+
+            one_tensor_sync()
+            t_tensor = _median_time(one_tensor_sync, args.repeats)
+            if rank == 0:
+                assert client.get_weight_version()[server.url] == str(version)
             stream()
             t_stream = _median_time(stream, args.repeats)
             buffers = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes] if rank == 0 else []
@@ -156,7 +169,7 @@ def run(rank: int, args, path: str) -> None:
             del flat
             sync.close()
             rows.append(dict(mb=mb, buckets=len(sizes), nbytes=sum(sizes), sync=t_sync, stream=t_stream,
-                             plain=t_plain, flat=t_flat, wait=statistics.median(waits[1:] or waits)))
+                             plain=t_plain, flat=t_flat, tensor=t_tensor, wait=statistics.median(waits[1:] or waits)))
         if rank == 0:
             _print_table(rows, args, cfg)
     finally:
@@ -176,7 +189,8 @@ def _print_table(rows: list[dict], args, cfg) -> None:
           f"{cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, tied; wire dtype {args.wire_dtype}; median of "
           f"{args.repeats}")
     head = (f"{'bucket MB':>9} {'buckets':>7} {'bytes':>12} | {'sync s':>7} {'MB/s':>7} {'wait s':>6} | {'stream s':>8} | "
-            f"{'plain s':>7} {'MB/s':>7} | {'flat s':>7} {'MB/s':>7} | {'sync/plain':>10} {'sync/flat':>9}")
+            f"{'plain s':>7} {'MB/s':>7} | {'flat s':>7} {'MB/s':>7} | {'sync/plain':>10} {'sync/flat':>9} | "
+            f"{'tensor s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -184,7 +198,8 @@ def _print_table(rows: list[dict], args, cfg) -> None:
         print(f"{r['mb']:>9g} {r['buckets']:>7d} {n:>12d} | {r['sync']:>7.3f} {rate(n, r['sync']):>7.1f} "
               f"{r['wait']:>6.3f} | "
               f"{r['stream']:>8.3f} | {r['plain']:>7.3f} {rate(n, r['plain']):>7.1f} | {r['flat']:>7.3f} "
-              f"{rate(n, r['flat']):>7.1f} | {r['sync'] / r['plain']:>10.2f} {r['sync'] / r['flat']:>9.2f}")
+              f"{rate(n, r['flat']):>7.1f} | {r['sync'] / r['plain']:>10.2f} {r['sync'] / r['flat']:>9.2f} | "
+              f"{r['tensor']:>8.3f}")
     best = min(r["sync"] / r["plain"] for r in rows)
     floor = args.project_params * 2 / (args.project_gbps / 8 * 1e9 * args.project_efficiency)
     print(f"wait s: rank 0's wait for the next bucket's gather inside a sync (what the overlap did not hide).\n"

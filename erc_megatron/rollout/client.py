@@ -285,6 +285,23 @@ class SGLangClient:
                    "flush_cache": flush_cache, "abort_all_requests": abort_all_requests}
         return self._on_all(lambda url: self._update(url, "/update_weights_from_disk", payload, retry=True), urls)
 
+    def release_memory_occupation(self, tags: list[str] | None = None, urls: list[str] | None = None) -> None:
+        """Colocated mode: the servers give up their weights / KV cache ("weights", "kv_cache"; None: all)."""
+        self._on_all(lambda url: self._request(url, "/release_memory_occupation", {"tags": tags}), urls)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None, urls: list[str] | None = None) -> None:
+        self._on_all(lambda url: self._request(url, "/resume_memory_occupation", {"tags": tags}), urls)
+
+    def update_weights_from_tensor(self, url: str, serialized_named_tensors: list[str], load_format: str | None = None,
+                                   flush_cache: bool = True, abort_all_requests: bool = False,
+                                   weight_version: str | None = None) -> dict:
+        """Colocated mode: one entry per SGLang TP rank of the server (tensor_payload.encode_named_tensors);
+        the tensors must stay alive until this returns. Never retried (a partial bucket set is staged)."""
+        payload = {"serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
+                   "flush_cache": flush_cache, "abort_all_requests": abort_all_requests,
+                   "weight_version": weight_version}
+        return self._update(url.rstrip("/"), "/update_weights_from_tensor", payload, retry=False)
+
     # ----------------------------------------------------------------- weight-update group, one server
     def init_weights_update_group(self, url: str, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str = "weight_update_group",

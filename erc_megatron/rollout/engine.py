@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -109,6 +111,8 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self.steps = 0
+        self.released: set[str] = set()  # memory tags given up by release_memory
+        self._weights_backup: str | None = None
         self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
         self._thread.start()
 
@@ -126,6 +130,9 @@ class Engine:
             return len(self._waiting) + len(self._rows)
 
     def submit(self, requests: list[Request]) -> None:
+        if self.released:
+            raise ValueError(f"the server's {sorted(self.released)} memory is released by /release_memory_occupation; "
+                             "POST /resume_memory_occupation before generating")
         for req in requests:
             self._check(req)
         with self._cond:
@@ -171,6 +178,48 @@ class Engine:
         with self._cond:
             self._paused = False
             self._cond.notify_all()
+
+    def release_memory(self, tags: list[str]) -> None:
+        """Give up the model's weights ("weights": written to a file, then freed) and/or the KV cache.
+
+        SGLang requires an idle engine for this; so does this one. Requests are refused until the
+        tags are resumed.
+        """
+        with self._step_lock:
+            if self.num_requests():
+                raise ValueError(f"cannot release memory with {self.num_requests()} requests in flight; "
+                                 "POST /pause_generation or wait for them first")
+            if "kv_cache" in tags:
+                self._rows, self._cache, self._mask = [], None, None
+            if "weights" in tags and "weights" not in self.released:
+                tensors = self._unique_tensors()
+                fd, path = tempfile.mkstemp(prefix="erc-rollout-weights-", suffix=".pt")
+                os.close(fd)
+                torch.save({name: t.data for name, t in tensors.items()}, path)
+                for t in tensors.values():
+                    t.data = torch.empty(0, dtype=t.dtype)
+                self._weights_backup = path
+            self.released.update(set(tags) & {"weights", "kv_cache"})  # CPU: no CUDA graphs
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Take back what `release_memory` gave up: the weights as they were at release."""
+        with self._step_lock:
+            if "weights" in tags and self._weights_backup is not None:
+                saved = torch.load(self._weights_backup, weights_only=True)
+                for name, t in self._unique_tensors().items():
+                    t.data = saved[name]
+                os.unlink(self._weights_backup)
+                self._weights_backup = None
+            self.released.difference_update(tags)
+
+    def _unique_tensors(self) -> dict[str, torch.Tensor]:
+        # tied parameters are one Parameter object under two names: restore it once
+        out, seen = {}, set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[name] = t
+        return out
 
     @contextlib.contextmanager
     def exclusive(self):

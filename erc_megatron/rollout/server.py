@@ -45,6 +45,8 @@ from .weight_update import WeightUpdater
 
 log = logging.getLogger(__name__)
 
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang.srt.constants.GPU_MEMORY_ALL_TYPES
+
 SERVER_VERSION = "erc-megatron-embedded-0.1"
 _READY_LINE = "erc-megatron serve: listening on "
 API_KEY_ENV = "ERC_MEGATRON_API_KEY"  # lets a parent pass the key without putting it on a command line
@@ -162,8 +164,10 @@ class RolloutServer:
             "/init_weights_update_group": self.init_weights_update_group,
             "/update_weights_from_distributed": self.update_weights_from_distributed,
             "/update_weights_from_disk": self.update_weights_from_disk,
+            "/update_weights_from_tensor": self.update_weights_from_tensor,
             "/destroy_weights_update_group": self.destroy_weights_update_group,
-            "/release_memory_occupation": self.memory_occupation, "/resume_memory_occupation": self.memory_occupation,
+            "/release_memory_occupation": self.release_memory_occupation,
+            "/resume_memory_occupation": self.resume_memory_occupation,
             "/v1/models": lambda body: openai_api.models(self, body),
             "/v1/completions": lambda body: openai_api.completions(self, body),
             "/v1/chat/completions": lambda body: openai_api.chat_completions(self, body),
@@ -412,8 +416,29 @@ class RolloutServer:
         log.info("abort_request rid=%r abort_all=%s: %d aborted", rid, body.get("abort_all"), count)
         return HTTPStatus.OK, ""
 
-    def memory_occupation(self, body: dict):
-        return HTTPStatus.OK, ""  # CPU: nothing to release
+    def _memory_tags(self, body: dict) -> list[str]:
+        tags = _field(body, "tags", list, None)
+        if tags is None:
+            return list(MEMORY_TAGS)
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise BadRequest(f"tags must be a subset of {list(MEMORY_TAGS)}, got {bad}")
+        return list(tags)
+
+    def release_memory_occupation(self, body: dict):
+        tags = self._memory_tags(body)
+        try:
+            self.engine.release_memory(tags)
+        except ValueError as exc:
+            return HTTPStatus.BAD_REQUEST, {"error": {"message": str(exc)}}
+        log.info("memory released: %s", tags)
+        return HTTPStatus.OK, None
+
+    def resume_memory_occupation(self, body: dict):
+        tags = self._memory_tags(body)
+        self.engine.resume_memory(tags)
+        log.info("memory resumed: %s", tags)
+        return HTTPStatus.OK, None
 
     # ----------------------------------------------------------------- weights
     def init_weights_update_group(self, body: dict):
@@ -449,6 +474,20 @@ class RolloutServer:
             self.args.model_path = model_path
         status, content = self._after_update(ok, message, version, f"weights from {model_path}", started)
         return status, {**content, "num_paused_requests": 0}
+
+    def update_weights_from_tensor(self, body: dict):
+        entries = _field(body, "serialized_named_tensors", list)
+        version = _field(body, "weight_version", str, None)
+        if "weights" in self.engine.released:
+            self.updater.drop_staged("the weights are released")
+            return _result(False, "the weights are released by /release_memory_occupation; POST "
+                                  "/resume_memory_occupation with tags [\"weights\"] before updating them")
+        if _field(body, "abort_all_requests", bool, False):
+            self.engine.abort(abort_all=True, message="Aborted for a weight update")
+        started = time.perf_counter()
+        commit = _field(body, "flush_cache", bool, True)
+        ok, message = self.updater.update_from_tensor(entries, _field(body, "load_format", str, None), commit=commit)
+        return self._after_update(ok, message, version, f"{len(entries)} serialized entries", started, commit)
 
     def destroy_weights_update_group(self, body: dict):
         self._staged_version = None

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LOAD_FORMATS_DISTRIBUTED = (None, "flattened_bucket")
 LOAD_FORMATS_DISK = (None, "auto", "safetensors")
+LOAD_FORMATS_TENSOR = (None, "direct")  # SGLang's flattened_bucket / custom loaders carry SGLang classes
 BACKENDS = ("gloo", "nccl")
 
 
@@ -157,6 +158,31 @@ class WeightUpdater:
         except (TypeError, ValueError) as exc:
             return f"Failed to update parameter online: {exc}"
         return entry, torch_dtypes, shapes
+
+    def update_from_tensor(self, entries: list, load_format: str | None = None,
+                           commit: bool = True) -> tuple[bool, str]:
+        """`/update_weights_from_tensor`: entry 0 is this server's (SGLang TP rank 0; it has one rank).
+
+        Decoded with tensor_payload's restricted unpickler only; the tensors live in the sender's
+        shared memory, so they are copied before the call answers.
+        """
+        from .tensor_payload import PayloadError, decode_named_tensors  # noqa: PLC0415
+
+        if load_format not in LOAD_FORMATS_TENSOR:
+            self.drop_staged("a request was refused")
+            return False, f"load_format must be one of {LOAD_FORMATS_TENSOR}, got {load_format!r}"
+        if not entries:
+            self.drop_staged("a request was refused")
+            return False, "serialized_named_tensors must hold one entry per TP rank, got none"
+        try:
+            named = decode_named_tensors(entries[0])
+        except PayloadError as exc:
+            self.drop_staged("a request was refused")
+            return False, f"Failed to update weights from tensor: {exc}"
+        if any(t.device.type != "cpu" for _, t in named):
+            self.drop_staged("a request was refused")
+            return False, "Failed to update weights from tensor: this server runs on CPU and takes CPU tensors only"
+        return self.apply([(name, t.clone()) for name, t in named], commit=commit)
 
     def update_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str]:
         if load_format not in LOAD_FORMATS_DISK:

@@ -183,11 +183,25 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
     return RolloutServers(client, process), client
 
 
+SYNC_MODES = ("distributed", "tensor")
+
+
 class WeightSync:
-    """Call `sync(version)` on every learner rank after each update."""
+    """Call `sync(version)` on every learner rank after each update.
+
+    mode "distributed": the broadcast described above. mode "tensor" (colocated: the servers run on
+    rank 0's machine): no group; each bucket is copied into one reused shared-memory buffer and
+    POSTed to /update_weights_from_tensor as SGLang's serialized named tensors (one entry per
+    server TP rank), flush_cache=false but for the last, so the embedded server applies all at once.
+    """
 
     def __init__(self, learner, model_cfg, client, bucket_bytes: int, group_name: str = "weight_update_group",
-                 max_attempts: int = 3, dtype: torch.dtype | None = None, timeout_s: float = 300.0):
+                 max_attempts: int = 3, dtype: torch.dtype | None = None, timeout_s: float = 300.0,
+                 mode: str = "distributed"):
+        if mode not in SYNC_MODES:
+            raise ValueError(f"weight sync mode must be one of {SYNC_MODES}, got {mode!r}")
+        self.mode = mode
+        self._shared: torch.Tensor | None = None  # tensor mode: the shared-memory bucket buffer
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
         if max_attempts < 1:
@@ -261,16 +275,19 @@ class WeightSync:
         ok, error, retry, sent = True, "", True, 0
         self.last_gather_wait_s = 0.0
         try:
-            if self.group is not None and self._urls != self.client.live_urls:
+            if self.mode == "tensor":
+                self._urls = self.client.live_urls
+                self._tp_sizes = [int(self.client.get_server_info()[u].get("tp_size", 1) or 1) for u in self._urls]
+            elif self.group is not None and self._urls != self.client.live_urls:
                 self._reset_group()  # a server left the rotation: the group is rebuilt without it
-            if self.group is None:
+            if self.mode == "distributed" and self.group is None:
                 self._connect()
             self.client.pause_generation()
             self.client.flush_cache()
         except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
             ok, error = False, f"{type(exc).__name__}: {exc}"
             self._retire_if_gone(exc)
-        # The next bucket is gathered (TP all-gathers, the hop from later stages, flattening) in a
+        # The next bucket is gathered (TP gathers, the hop from later stages, flattening) in a
         # thread while this one is announced and broadcast; after a failure the rest are still
         # gathered, because the other ranks take part in those collectives.
         prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
@@ -284,7 +301,8 @@ class WeightSync:
                     torch.cuda.current_stream().wait_event(ready)
                     flat.record_stream(torch.cuda.current_stream())
                 last = index == total
-                self._send_bucket(names, dtypes, shapes, flat, str(version) if last else None, last)
+                send = self._send_tensor_bucket if self.mode == "tensor" else self._send_bucket
+                send(names, dtypes, shapes, flat, str(version) if last else None, last)
                 sent += flat.numel()
             except Exception as exc:  # noqa: BLE001
                 ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
@@ -300,6 +318,8 @@ class WeightSync:
             # before generation continues: tearing the group down makes the embedded server drop the
             # buckets it staged, so it keeps all old weights
             self._reset_group()
+            if self.mode == "tensor":
+                self._drop_staged_tensors()
         try:
             self.client.continue_generation()
         except Exception as exc:  # noqa: BLE001
@@ -337,6 +357,32 @@ class WeightSync:
         work.wait()
         for f in futures:
             f.result(timeout=max(1.0, deadline - time.monotonic()))
+
+    def _send_tensor_bucket(self, names, dtypes, shapes, flat: torch.Tensor, version: str | None,
+                            last: bool) -> None:
+        """Colocated: the bucket's bytes go through shared memory, only handles go over HTTP."""
+        from erc_megatron.rollout.flat_bucket import unflatten_tensors
+        from erc_megatron.rollout.tensor_payload import encode_named_tensors
+
+        flat = flat.reshape(-1).view(torch.uint8)
+        if self._shared is None or self._shared.numel() < flat.numel():
+            self._shared = torch.empty(max(flat.numel(), self.bucket_bytes), dtype=torch.uint8).share_memory_()
+        buf = self._shared[:flat.numel()]
+        buf.copy_(flat)
+        payload = encode_named_tensors(list(zip(names, unflatten_tensors(buf, list(dtypes), shapes))))
+        futures = [self.client.submit(self.client.update_weights_from_tensor, url, [payload] * tp, None, last, False,
+                                      version) for url, tp in zip(self._urls, self._tp_sizes)]
+        for f in futures:  # the server has copied the tensors out once it answers: buf may be reused
+            f.result(timeout=self.timeout_s)
+
+    def _drop_staged_tensors(self) -> None:
+        """Tensor mode has no group to tear down: an empty update is refused, and a refusal makes the
+        embedded server drop what earlier calls staged (an SGLang server has applied them already)."""
+        for url in self._urls:
+            try:
+                self.client.update_weights_from_tensor(url, [], flush_cache=False)
+            except Exception:  # noqa: BLE001 - the refusal is the point
+                pass
 
     def _retire_if_gone(self, exc: BaseException) -> None:
         """A server that cannot be reached (or answers 5xx) leaves the rotation while others remain;

@@ -62,6 +62,10 @@ class RolloutConfig:
     """How long to wait for servers to become healthy."""
     weight_sync_bucket_mb: int = 512
     """Bucket size of the weight sync broadcast."""
+    weight_sync_mode: str = "distributed"
+    """How weights reach the servers: "distributed" (a broadcast group, SGLang's
+    /update_weights_from_distributed) or "tensor" (colocated: servers on rank 0's machine read
+    shared memory, /update_weights_from_tensor)."""
     dynamic_sampling: bool = True
     """DAPO dynamic sampling: drop groups whose rewards are all equal and refill."""
     max_extra_rounds: int = 3
@@ -103,6 +107,9 @@ class RolloutConfig:
         if not 0 <= self.overlong_buffer <= self.max_response_length:
             raise ConfigError(f"rollout.overlong_buffer must be in [0, max_response_length="
                               f"{self.max_response_length}], got {self.overlong_buffer}")
+        if self.weight_sync_mode not in ("distributed", "tensor"):
+            raise ConfigError(f"rollout.weight_sync_mode must be one of ['distributed', 'tensor'], "
+                              f"got {self.weight_sync_mode!r}")
         if self.weight_sync_bucket_mb < 1:
             raise ConfigError(f"rollout.weight_sync_bucket_mb must be >= 1, got {self.weight_sync_bucket_mb}")
 

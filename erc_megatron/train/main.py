@@ -152,7 +152,8 @@ def train(cfg) -> dict:
 
     try:
         _on_rank0(setup_rank0)
-        sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20)
+        sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20,
+                          mode=cfg.rollout.weight_sync_mode)
         profiler = start_comm_profiler(run_dir, cfg.trainer.profile_comm, cfg.trainer.profile_steps, cfg.trainer.steps,
                                        extra_roles={sync.group_name: "weight-sync"}, say=_say)
         # the servers load model.path; after a resume they must get the learner's weights first

@@ -8,18 +8,19 @@ rank of the model runs it. Who receives buckets (`destination`):
 - "rank0": the stage leaders send each bucket as one flat tensor (one p2p message per bucket,
   at most one in flight) to the first stage's leader, global rank 0 in megatron's rank order,
   which yields every bucket, its own stage first: one sender, one extra hop for later stages.
-Cost per stage: one all-gather over the TP group per gather group (consecutive parameters of up
-to `bucket_bytes` in full size; replicated norms travel in no collective). All-gather rather than
-gather, because it is NCCL's fastest collective; only the leader keeps the result. Other data /
+Cost per stage: one collective over the TP group per gather group (consecutive parameters of up
+to `bucket_bytes` in full size; replicated norms travel in no collective): on NCCL an all-gather
+(its fastest collective), on gloo a gather to TP rank 0, the only rank that keeps the result
+(half the bytes of an all-gather at TP2, which on CPU compete with the sync's broadcast). Other data /
 context-parallel replicas hold the same weights and do nothing.
 
 Bucket contents follow from the config alone (`plan_hf_buckets`), so every rank knows each
 bucket's names, shapes and dtype before any tensor exists (a sender can announce a bucket to
 SGLang while it is gathered). A bucket holds at most `bucket_bytes`, except that a single tensor
 larger than that travels alone. All tensors are cast to one dtype (`dtype`, default the model's
-params_dtype) before they are gathered. Tensors received from another stage are views of one
-flat buffer per bucket; others may alias the model's parameters (TP1, norms): do not modify them,
-and copy what must outlive the next optimizer step.
+params_dtype) before they are gathered. A bucket's tensors are views of one flat buffer (filled
+by one copy per tensor, straight from the merged TP shards), which a sender sends as is; a new
+buffer per bucket, so a bucket stays valid after the next optimizer step.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     own = _stage_buckets([u for u in units if not u.tied_copy], params, model_cfg, plan[g.pp_rank], g, out_dtype,
                          bucket_bytes)
     if destination == "stage" or g.pp_size == 1:
-        yield from own
+        yield from (bucket for bucket, _ in own)
         return
     if g.tp_rank != 0:
         for _ in own:  # runs this rank's part of the TP gathers
@@ -123,15 +124,14 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     first = dist.get_global_rank(g.pp_group, 0)
     if g.pp_rank != 0:
         in_flight = None
-        for bucket in own:
-            flat = torch.cat([t.reshape(-1) for _, t in bucket])
+        for _, flat in own:
             if in_flight is not None:
                 in_flight[0].wait()
             in_flight = (dist.isend(flat, dst=first, group=g.pp_group), flat)
         if in_flight is not None:
             in_flight[0].wait()
         return
-    yield from own
+    yield from (bucket for bucket, _ in own)
     device = next(iter(params.values())).device
     for stage in range(1, g.pp_size):
         src = dist.get_global_rank(g.pp_group, stage)
@@ -180,8 +180,17 @@ def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: to
     if g.tp_size == 1 or not split:
         return local
     flat = torch.cat([local[u.local_name].reshape(-1) for u in split])
-    gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
-    _all_gather_flat(gathered, flat, group=g.tp_group)
+    if dist.get_backend(g.tp_group) == "gloo":
+        # only TP rank 0 keeps the result: a gather moves (tp-1)/tp of an all-gather's bytes, and on
+        # CPU those bytes cost the same cores the sync's broadcast needs
+        gathered = torch.empty(g.tp_size * flat.numel() if g.tp_rank == 0 else 0, dtype=dtype, device=flat.device)
+        rows = list(gathered.view(g.tp_size, -1)) if g.tp_rank == 0 else None
+        dist.gather(flat, rows, dst=dist.get_global_rank(g.tp_group, 0), group=g.tp_group)
+        if g.tp_rank != 0:
+            return local
+    else:
+        gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
+        _all_gather_flat(gathered, flat, group=g.tp_group)
     gathered = gathered.view(g.tp_size, -1)
     out = dict(local)
     offset = 0
@@ -195,8 +204,9 @@ def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: to
 
 
 def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan: list[list[HFTensorSpec]],
-                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[Bucket]:
-    """This stage's buckets in plan order on TP rank 0; other TP ranks only take part in the gathers."""
+                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[tuple[Bucket, torch.Tensor]]:
+    """This stage's buckets in plan order on TP rank 0, each with the one flat buffer its tensors are
+    views of (what a sender sends as is); other TP ranks only take part in the gathers."""
     element_size = torch.empty((), dtype=dtype).element_size()
     pending = iter(plan)
     want = next(pending, None)
@@ -207,13 +217,16 @@ def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan
             continue
         for u in group:
             for name, tensor in hf_from_megatron(u.full_name, full[u.local_name], cfg):
-                ready[name] = tensor.contiguous()
+                ready[name] = tensor  # may be a strided view: copied once, into the bucket's buffer
         while want is not None and all(s.name in ready for s in want):
-            bucket = [(s.name, ready.pop(s.name)) for s in want]
-            for (name, tensor), s in zip(bucket, want):
-                if tuple(tensor.shape) != s.shape:
-                    raise RuntimeError(f"{name}: produced shape {tuple(tensor.shape)}, planned {s.shape}")
-            yield bucket
+            for s in want:
+                if tuple(ready[s.name].shape) != s.shape:
+                    raise RuntimeError(f"{s.name}: produced shape {tuple(ready[s.name].shape)}, planned {s.shape}")
+            flat = torch.empty(sum(s.numel for s in want), dtype=dtype, device=ready[want[0].name].device)
+            views = _views(flat, want)
+            for s, view in zip(want, views):
+                view.copy_(ready.pop(s.name))
+            yield list(zip((s.name for s in want), views)), flat
             want = next(pending, None)
     if g.tp_rank == 0 and (want is not None or ready):
         raise RuntimeError(f"bucket plan and produced tensors disagree: left {sorted(ready)[:4]}, "

@@ -90,6 +90,20 @@ def drive_client(url: str, model_dir: str, sent_log) -> dict:
     dist.destroy_process_group()
 
     client.update_weights_from_disk(model_dir, weight_version="v2")
+
+    # colocated: our serialized_named_tensors entry is what SGLang's own deserializer reads
+    from sglang.srt.utils.common import MultiprocessingSerializer
+
+    from erc_megatron.rollout.tensor_payload import encode_named_tensors
+
+    norm = torch.linspace(0.5, 1.5, 32)
+    entry = encode_named_tensors([("model.norm.weight", norm.to(torch.bfloat16))])
+    decoded = MultiprocessingSerializer.deserialize(entry)
+    assert [n for n, _ in decoded] == ["model.norm.weight"], decoded
+    assert decoded[0][1].dtype == torch.bfloat16 and torch.equal(decoded[0][1], norm.to(torch.bfloat16))
+    client.update_weights_from_tensor(url, [entry], weight_version="v3")
+    client.release_memory_occupation(["weights", "kv_cache"])
+    client.resume_memory_occupation(None)
     client.close()
     sent_log.extend(sent)
     return {"generate": out}

@@ -188,3 +188,65 @@ def test_group_errors_do_not_hang(server, client):
     assert nccl.status_code == 400 and "CUDA" in nccl.json()["message"]
     with pytest.raises(SGLangError, match="does not exist"):
         client.destroy_weights_update_group(server.url, "never_made")
+
+
+class _RunsCommand:
+    """A pickle that runs a shell command when unpickled by a plain unpickler."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_update_from_tensor_and_memory_occupation(tiny, server, client, tmp_path):
+    import base64
+    import pickle
+
+    from erc_megatron.rollout.tensor_payload import encode_named_tensors
+
+    # Two calls: the first staged (flush_cache=false), the second applies both with its version.
+    weights = new_weights(tiny, seed=30)
+    names = list(weights)
+    half = len(names) // 2
+    first = [(n, weights[n].to(torch.bfloat16 if i % 2 else torch.float32)) for i, n in enumerate(names[:half])]
+    second = [(n, weights[n].clone()) for n in names[half:]]
+    client.update_weights_from_tensor(server.url, [encode_named_tensors(first)], flush_cache=False)
+    assert client.get_weight_version()[server.url] != "tensor-1"  # staged, not live
+    result = client.update_weights_from_tensor(server.url, [encode_named_tensors(second)], weight_version="tensor-1")
+    assert result["success"] and "tensor-1" in result["message"]
+    applied = {**{n: t.float() for n, t in first}, **dict(second)}
+    before = assert_probe_matches(server, applied)
+    assert before["meta_info"]["weight_version"] == "tensor-1"
+
+    # A payload that would run a command under a plain unpickler: refused by name, never run.
+    marker = tmp_path / "pwned"
+    evil = base64.b64encode(pickle.dumps([("model.norm.weight", _RunsCommand(f"touch {marker}"))])).decode()
+    with pytest.raises(SGLangError) as info:
+        client.update_weights_from_tensor(server.url, [evil], weight_version="evil")
+    assert "/update_weights_from_tensor" in str(info.value) and "system" in str(info.value)
+    assert "not allowed" in str(info.value)
+    assert not marker.exists(), "the server ran code from a pickle"
+    with pytest.raises(SGLangError, match="load_format"):
+        client.update_weights_from_tensor(server.url, [encode_named_tensors(second)], load_format="flattened_bucket")
+    assert probe(server)["meta_info"]["output_token_logprobs"] == before["meta_info"]["output_token_logprobs"]
+    assert client.get_weight_version() == {server.url: "tensor-1"}
+
+    # release: /generate and weight updates are refused with the reason; resume restores the weights
+    with pytest.raises(SGLangError, match="tags must be a subset"):
+        client.release_memory_occupation(["gpu_everything"])
+    client.release_memory_occupation(None)
+    r = requests.post(server.url + "/generate", timeout=60, json={"input_ids": PROBE, "sampling_params": {}})
+    assert r.status_code == 400 and "release_memory_occupation" in r.json()["error"]["message"], r.text
+    with pytest.raises(SGLangError, match="resume_memory_occupation"):
+        client.update_weights_from_tensor(server.url, [encode_named_tensors(second)])
+    client.resume_memory_occupation(["kv_cache"])
+    r = requests.post(server.url + "/generate", timeout=60, json={"input_ids": PROBE, "sampling_params": {}})
+    assert r.status_code == 400 and "weights" in r.json()["error"]["message"], r.text
+    client.resume_memory_occupation(["weights"])
+    after = probe(server)
+    assert after["output_ids"] == before["output_ids"]
+    assert after["meta_info"]["output_token_logprobs"] == before["meta_info"]["output_token_logprobs"]

@@ -20,6 +20,8 @@ learner's `old_policy_pass` log-probs. Checked in order:
    a server rejecting a bucket (unknown name: after receiving it; unparseable dtype: before, so
    the learner's broadcast has no receiver) fails the sync within seconds, unretried, with the
    server's message on every rank; the server keeps all old weights and its version;
+   colocated mode (`mode="tensor"`: shared memory + /update_weights_from_tensor): server ==
+   learner, version bumped; a colocated sync failing after its second call keeps all old weights;
 3. a server that refuses to join the group (nccl on a CPU server), and a terminated server
    process: `sync` raises on every rank within bounded time, naming the server and the cause.
 """
@@ -37,7 +39,8 @@ TOL = 2e-5  # float32 learner (megatron, TP-split) vs float32 server (transforme
 MOVED = 0.05  # training must move some probe log-prob by at least this much
 BUCKET_BYTES = 40_000  # several buckets per sync for the model below
 FAIL_BOUND_S = 30.0  # failures must be reported well within the group timeout (60 s)
-TAGS = ("loaded", "trained", "synced", "retried", "recovered", "restarted", "bad_name", "bad_dtype", "after_rejects")
+TAGS = ("loaded", "trained", "synced", "retried", "recovered", "restarted", "bad_name", "bad_dtype", "after_rejects",
+        "colocated", "colocated_failed")
 
 HF_KW = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -271,6 +274,36 @@ def _worker(rank, world_size, path, seed, log_dir):
         sync.sync(5)  # the rejected updates are gone: a clean one lands
         record("after_rejects")
 
+        # 2e. colocated mode (the server is on this machine): buckets through shared memory and
+        # /update_weights_from_tensor, no group; then one whose second call fails: all old weights kept
+        _train(learner, cfg, batch, steps=1)
+        colocated = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, max_attempts=1, timeout_s=60,
+                               mode="tensor")
+        colocated.sync(6)
+        record("colocated")
+        _train(learner, cfg, batch, steps=1)
+        if rank == 0:
+            real = client.update_weights_from_tensor
+            calls = []
+
+            def fail_second(url, *args, **kwargs):
+                from erc_megatron.rollout.client import SGLangError
+
+                calls.append(1)
+                out = real(url, *args, **kwargs)
+                if len(calls) == 2:
+                    raise SGLangError(url, "/update_weights_from_tensor", "injected failure after call 2")
+                return out
+            client.update_weights_from_tensor = fail_second
+        try:
+            colocated.sync(7)
+            out["colocated_error"] = None
+        except RuntimeError as exc:
+            out["colocated_error"] = str(exc)
+        if rank == 0:
+            client.update_weights_from_tensor = real
+        record("colocated_failed")
+
         # 3a. a server that refuses to join (it has no CUDA for nccl): its reason, at once, everywhere
         refused = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, group_name="nccl_group",
                              max_attempts=1, timeout_s=60)
@@ -329,7 +362,7 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     server = {tag: r0[f"server/{tag}"] for tag in learner}
     what = f"seed {seed}"
     print(f"{what}: |server - learner| after syncs "
-          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t not in ('trained', 'bad_name', 'bad_dtype')):.1e}, before "
+          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t not in ('trained', 'bad_name', 'bad_dtype', 'colocated_failed')):.1e}, before "
           f"{_max_diff(server['trained'], learner['trained']):.2f}; restarted learner {r0['restarted_s']:.1f}s, "
           f"refused join {r0['refused_s']:.1f}s, dead server {r0['unreachable_s']:.1f}s, rejected bucket "
           f"{r0['bad_name_s']:.1f}s (before receiving {r0['bad_dtype_s']:.1f}s)")
@@ -389,12 +422,21 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     assert _max_diff(server["after_rejects"], learner["after_rejects"]) <= TOL, f"{what}: no sync after rejects"
     assert r0["version/after_rejects"] == "5"
 
+    # 2e. colocated: server == learner after a tensor-mode sync; a failed one leaves all old weights
+    assert _max_diff(learner["colocated"], learner["after_rejects"]) >= MOVED, what
+    assert _max_diff(server["colocated"], learner["colocated"]) <= TOL, f"{what}: server != learner (colocated)"
+    assert r0["version/colocated"] == "6"
+    for r in results:
+        assert r["colocated_error"] is not None and "injected failure" in r["colocated_error"], r["colocated_error"]
+    assert server["colocated_failed"] == server["colocated"], "a failed colocated sync left partial weights"
+    assert r0["version/colocated_failed"] == "6"
+
     # 3a. a server refusing to join: its own reason on every rank, without waiting out the rendezvous
     for r in results:
         err = r["refused_error"]
         assert err is not None and url in err and "nccl" in err and "CUDA" in err, (r["rank"], err)
         assert r["refused_s"] < FAIL_BOUND_S, f"rank {r['rank']} took {r['refused_s']:.1f}s"
-    assert r0["version/refused"] == "5"
+    assert r0["version/refused"] == "6"
 
     # 3b. unreachable server: a clear error on every rank, quickly
     for r in results:
@@ -402,3 +444,16 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
         assert err is not None, f"rank {r['rank']}: sync to a dead server did not raise"
         assert url in err and "Connection refused" in err, err
         assert r["unreachable_s"] < FAIL_BOUND_S, f"rank {r['rank']} took {r['unreachable_s']:.1f}s"
+
+
+def test_weight_sync_mode_is_validated():
+    from erc_megatron.model.config import ConfigError
+    from erc_megatron.sync.weight_sync import WeightSync
+    from erc_megatron.train.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"rollout\.weight_sync_mode must be one of \['distributed', 'tensor'\], "
+                                          r"got 'shm'"):
+        RolloutConfig(weight_sync_mode="shm")
+    assert RolloutConfig(weight_sync_mode="tensor").weight_sync_mode == "tensor"
+    with pytest.raises(ValueError, match=r"mode must be one of \('distributed', 'tensor'\), got 'disk'"):
+        WeightSync(None, None, None, bucket_bytes=1, mode="disk")

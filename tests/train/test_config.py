@@ -75,6 +75,7 @@ BAD = {
     "rollout.overlong_buffer": ("100", "[0, max_response_length"),
     "rollout.embedded_seed": ("-1", ">= 0"),
     "rollout.embedded_threads": ("0", ">= 1"),
+    "rollout.weight_sync_mode": ("shm", "['distributed', 'tensor']"),
     "rollout.api_key": ("''", "non-empty string without whitespace, or null"),
     "validation.every_steps": ("-1", ">= 0"),
     "validation.n_samples": ("0", ">= 1"),
