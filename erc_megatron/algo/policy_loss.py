@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from erc_megatron.algo.surrogates import LOG_RATIO_CLAMP, SURROGATES, resolve_surrogate
+from erc_megatron.algo.surrogates import LOG_RATIO_CLAMP, resolve_surrogate
 from erc_megatron.model.config import ConfigError
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")

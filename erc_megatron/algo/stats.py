@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist

@@ -83,7 +83,7 @@ def register_surrogate(name: str, fn: SurrogateFn) -> None:
     SURROGATES[name] = fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str, what: str) -> SurrogateFn:
     return load_callable(path, what)
 

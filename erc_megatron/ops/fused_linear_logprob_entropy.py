@@ -76,7 +76,8 @@ def fused_linear_logprob_entropy(
         raise ValueError(f"target: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
                          f"got {tuple(getattr(target, 'shape', ()))}")
     shard = resolve_shard(weight.shape[0], tp_group, vocab_size)
-    check_common(target, temperature, chunk_size, shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
+    check_common(target, temperature, chunk_size,
+                 shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
     return _BACKENDS[backend](hidden, weight, target, tp_group, shard, 1.0 / float(temperature),
                               chunk_size or DEFAULT_CHUNK_ROWS, bool(entropy_grad))
 

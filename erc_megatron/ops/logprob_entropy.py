@@ -58,7 +58,8 @@ def vocab_parallel_logprob_entropy(
         raise ValueError(f"target: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), "
                          f"got {tuple(getattr(target, 'shape', ()))}")
     shard = resolve_shard(logits.shape[-1], tp_group, vocab_size)
-    check_common(target, temperature, chunk_size, shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
+    check_common(target, temperature, chunk_size,
+                 shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
     return _LogprobEntropy.apply(logits, target, tp_group, shard, 1.0 / float(temperature), chunk_size,
                                  bool(entropy_grad))
 
