@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from erc_megatron.ops import vocab_parallel_logprob_entropy
 from erc_megatron.testing.peak_memory import peak_cpu_bytes
 from tests.ops.checks import all_cases, run_logits_case
 
-SEED = int(os.environ.get("ERC_TEST_SEED", time.time_ns() % 2**31))
+SEED = int(os.environ.get("ERC_TEST_SEED", "1234"))
 
 
 def test_tp1_matches_float64_reference_for_every_case():
