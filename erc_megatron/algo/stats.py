@@ -1,10 +1,11 @@
 """Global step statistics: accumulate locally over micro-batches, reduce once per step.
 
-The loss and its metrics exist on the LAST pipeline stage only, so this runs there, with that
-stage's data-parallel x context-parallel group (megatron:
-`parallel_state.get_data_parallel_group(with_context_parallel=True)`). Every metric of the step,
-the loss metrics and any extra named scalars (reward mean, response length, ...), goes into at
-most one all_reduce(SUM) and one all_reduce(MAX) (a min travels as the max of its negation), so
+The loss and its metrics exist on the last pipeline stage only; the trainer has every other rank
+add the same names with values that change no reduction (`train.update._identity_metrics`: zero
+masks) and reduces over the whole world group, so every rank ends up with the same metrics. The
+group is the caller's choice (`reduce_step_metrics(stats, group)`). Every metric of the step, the
+loss metrics and any extra named scalars (reward mean, non-finite flags, ...), goes into at most
+one all_reduce(SUM) and one all_reduce(MAX) (a min travels as the max of its negation), so
 statistics never add a sync point per micro-batch.
 
     stats = StepStats()
