@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from erc_megatron.comm import record_collectives  # noqa: E402
 from erc_megatron.ops import fused_linear_logprob_entropy, vocab_parallel_logprob_entropy  # noqa: E402
-from erc_megatron.patches.torch_peak_memory import peak_cpu_bytes  # noqa: E402
+from erc_megatron.testing.peak_memory import peak_cpu_bytes  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

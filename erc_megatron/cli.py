@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from erc_megatron import __version__
+
 SUBCOMMANDS = {
     "train": ("erc_megatron.train.main", "train with ERC / DAPO / GPPO (run under torchrun)"),
     "serve": ("erc_megatron.rollout.server", "embedded rollout server speaking SGLang's HTTP protocol"),
@@ -22,6 +24,7 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="erc-megatron", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     if chosen is not None:

@@ -45,7 +45,8 @@ def rewrite_function(owner: Any, name: str, rewrites: list[Rewrite], checked: st
     key = (id(owner), name)
     if key in _ORIGINALS:
         return
-    where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}.{name}"
+    qualname = getattr(owner, '__qualname__', getattr(owner, '__name__', owner))
+    where = f"{getattr(owner, '__module__', '')}.{qualname}.{name}"
     try:
         raw = inspect.getattr_static(owner, name)
     except AttributeError as exc:

@@ -16,3 +16,10 @@ def small_demo(tmp_path_factory):
     from tests.demo_runs import make_small_demo
 
     return make_small_demo(tmp_path_factory.mktemp("small_demo"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # every test is either e2e (marked in its module) or unit, so `-m unit` and `-m "not e2e"` agree
+    for item in items:
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.unit)

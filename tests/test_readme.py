@@ -219,8 +219,14 @@ def cli_help(sub: str) -> str:
 
 def check_cli_args(args: list[str], where: str) -> list[str]:
     """`erc-megatron` arguments as shown: subcommand exists, --help runs, options exist, config validates."""
-    from erc_megatron import cli
+    from erc_megatron import __version__, cli
 
+    if args == ["--version"]:  # the top-level parser's own option: it must print the package version
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            cli.main(args)
+        ok = exit_info.value.code == 0 and out.getvalue().split() == ["erc-megatron", __version__]
+        return [] if ok else [f"{where}: printed {out.getvalue()!r}, exit {exit_info.value.code}"]
     if not args or args[0] not in cli.SUBCOMMANDS:
         return [f"{where}: unknown erc-megatron subcommand {args[:1]}; have {sorted(cli.SUBCOMMANDS)}"]
     sub, problems = args[0], []
@@ -273,8 +279,10 @@ def check_command(cmd: str, where: str) -> list[str]:
             if importlib.util.find_spec(module) is None:
                 return [f"{where}: no module {module}"]
             if module == "pytest":
-                return [f"{where}: {p} does not exist" for p in rest if not p.startswith("-") and
-                        not (REPO / p.split("::")[0]).exists()]
+                # the words after -m / -k are expressions, not paths
+                paths = [p for i, p in enumerate(rest) if not p.startswith("-") and
+                         not (i > 0 and rest[i - 1] in ("-m", "-k"))]
+                return [f"{where}: {p} does not exist" for p in paths if not (REPO / p.split("::")[0]).exists()]
             return []
         scripts = [w for w in words[1:] if w.endswith(".py")]
         return [p for s in scripts for p in check_script(s, where)]

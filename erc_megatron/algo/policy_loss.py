@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from erc_megatron.algo.surrogates import LOG_RATIO_CLAMP, SURROGATES, resolve_surrogate
+from erc_megatron.algo.surrogates import LOG_RATIO_CLAMP, resolve_surrogate
 from erc_megatron.model.config import ConfigError
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -174,12 +174,13 @@ def _check_shapes(ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} (the shape of log_prob)")
 
 
-def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
+def _as_denominator(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # a count; below 1 only when there is nothing to divide (numerator 0), so 0/1 = 0 instead of NaN
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1.0)
 
 
-def _aggregate(per_token, mask, mask_f, agg, global_denominator, seq_token_counts):
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, mask_f: torch.Tensor, agg: str,
+               global_denominator: float | torch.Tensor | None, seq_token_counts: torch.Tensor | None) -> torch.Tensor:
     contrib = torch.where(mask, per_token, 0.0)
     if agg == "token-mean":
         n = mask_f.sum() if global_denominator is None else global_denominator
@@ -245,18 +246,19 @@ def policy_loss(
     mask = response_mask > 0
     mask_f = mask.to(dtype)
 
-    def clean(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
+    def clean(t: torch.Tensor, detach: bool = True) -> torch.Tensor:
         # whatever sits under the mask (padding, -inf log-probs) must not turn into NaN gradients
-        if t is None:
-            return None
         return torch.where(mask, (t.detach() if detach else t).to(dtype), 0.0)
+
+    def clean_optional(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
+        return None if t is None else clean(t, detach)
 
     log_prob = clean(log_prob, detach=False)
     old_log_prob = clean(old_log_prob)
     adv = clean(advantages)
-    rollout_log_prob = clean(rollout_log_prob)
-    old_entropy = clean(old_entropy)
-    entropy = clean(entropy, detach=False)
+    rollout_log_prob = clean_optional(rollout_log_prob)
+    old_entropy = clean_optional(old_entropy)
+    entropy = clean_optional(entropy, detach=False)
 
     loss_tok, clipped = resolve_surrogate(cfg.surrogate)(cfg, log_prob, old_log_prob, adv, mask)
     pg_before_dual = loss_tok
@@ -264,6 +266,7 @@ def policy_loss(
         loss_tok = torch.where(adv < 0, torch.minimum(-adv * cfg.clip_ratio_c, loss_tok), loss_tok)
     tis_weight = raw = None
     if cfg.tis_cap > 0:
+        assert rollout_log_prob is not None  # checked above
         raw = torch.exp(torch.clamp(old_log_prob - rollout_log_prob, max=LOG_RATIO_CLAMP))
         tis_weight = torch.clamp(raw, max=cfg.tis_cap)
         loss_tok = loss_tok * tis_weight
@@ -275,10 +278,12 @@ def policy_loss(
     if rho is not None:
         in_band = (rho > cfg.erc_low) & (rho < cfg.erc_high)
     if cfg.erc:
+        assert in_band is not None  # erc needs entropy and old_entropy, checked above
         loss_tok = torch.where(in_band, loss_tok, loss_tok.detach())
 
     total_tok = loss_tok
     if cfg.entropy_coef > 0:
+        assert entropy is not None  # checked above
         total_tok = loss_tok - cfg.entropy_coef * entropy
     loss = _aggregate(total_tok, mask, mask_f, cfg.agg, global_denominator, seq_token_counts)
 
@@ -288,8 +293,12 @@ def policy_loss(
     return loss, metrics
 
 
-def _metrics(log_prob, old_log_prob, adv, mask, loss, loss_tok, pg_before_dual, clipped, cfg, tis_weight,
-             tis_raw, entropy, old_entropy, rho, in_band) -> dict[str, torch.Tensor]:
+T = torch.Tensor
+
+
+def _metrics(log_prob: T, old_log_prob: T, adv: T, mask: T, loss: T, loss_tok: T, pg_before_dual: T, clipped: T,
+             cfg: PolicyLossConfig, tis_weight: T | None, tis_raw: T | None, entropy: T | None,
+             old_entropy: T | None, rho: T | None, in_band: T | None) -> dict[str, T]:
     f64 = torch.float64
 
     def msum(x: torch.Tensor) -> torch.Tensor:
@@ -331,6 +340,7 @@ def _metrics(log_prob, old_log_prob, adv, mask, loss, loss_tok, pg_before_dual, 
         "entropy_sum": msum(entropy) if entropy is not None else zero(),
     }
     if rho is not None:
+        assert old_entropy is not None and in_band is not None  # they come with rho
         out.update(erc_tokens=tokens.clone(), old_entropy_sum=msum(old_entropy), erc_in_band=mcount(in_band),
                    erc_low=mcount(rho <= cfg.erc_low), erc_high=mcount(rho >= cfg.erc_high), rho_sum=msum(rho),
                    rho_min=mmin(rho), rho_max=mmax(rho))

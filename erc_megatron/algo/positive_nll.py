@@ -8,7 +8,7 @@ pass the total, so that the result does not depend on how the mini-batch is spli
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

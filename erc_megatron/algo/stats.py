@@ -1,10 +1,11 @@
 """Global step statistics: accumulate locally over micro-batches, reduce once per step.
 
-The loss and its metrics exist on the LAST pipeline stage only, so this runs there, with that
-stage's data-parallel x context-parallel group (megatron:
-`parallel_state.get_data_parallel_group(with_context_parallel=True)`). Every metric of the step,
-the loss metrics and any extra named scalars (reward mean, response length, ...), goes into at
-most one all_reduce(SUM) and one all_reduce(MAX) (a min travels as the max of its negation), so
+The loss and its metrics exist on the last pipeline stage only; the trainer has every other rank
+add the same names with values that change no reduction (`train.update._identity_metrics`: zero
+masks) and reduces over the whole world group, so every rank ends up with the same metrics. The
+group is the caller's choice (`reduce_step_metrics(stats, group)`). Every metric of the step, the
+loss metrics and any extra named scalars (reward mean, non-finite flags, ...), goes into at most
+one all_reduce(SUM) and one all_reduce(MAX) (a min travels as the max of its negation), so
 statistics never add a sync point per micro-batch.
 
     stats = StepStats()
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ _FAMILIES = ((_PG_REDUCTIONS, _pg_finalize), (_NLL_REDUCTIONS, _nll_finalize))
 KNOWN_REDUCTIONS: dict[str, str] = {k: v for table, _ in _FAMILIES for k, v in table.items()}
 
 
-def _f64(value) -> torch.Tensor:
+def _f64(value: float | torch.Tensor) -> torch.Tensor:
     t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return t.to(torch.float64)
 
@@ -95,18 +96,19 @@ class StepStats:
         return by_kind["sum"], by_kind["max"], by_kind["min"], by_kind["mean"]
 
 
-def _signature(layout) -> float:
+def _signature(layout: tuple[list[str], ...]) -> float:
     text = "|".join(f"{kind}:{','.join(names)}" for kind, names in zip(REDUCTIONS, layout))
     return float(zlib.crc32(text.encode()))  # < 2**32: exact in float64
 
 
-def _pack_device(group) -> torch.device:
+def _pack_device(group: dist.ProcessGroup | None) -> torch.device:
     if group is not None and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def reduce_step_metrics(stats: StepStats, group=None, device: torch.device | None = None) -> dict[str, float]:
+def reduce_step_metrics(stats: StepStats, group: dist.ProcessGroup | None = None,
+                        device: torch.device | None = None) -> dict[str, float]:
     """Reduce over `group` (None: no reduction, local values) and finalise.
 
     Issues one all_reduce(SUM) (skipped when there is nothing to sum) and one all_reduce(MAX).

@@ -28,22 +28,26 @@ SurrogateFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 LOG_RATIO_CLAMP = 20.0
 
 
-def _ratio(log_prob, old_log_prob):
+def _ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def _clip_max(adv, ratio, low_bound, high_bound):
+def _clip_max(adv: torch.Tensor, ratio: torch.Tensor, low_bound: float | torch.Tensor,
+              high_bound: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, low_bound, high_bound)
+    # floats, or tensors for GPPO: torch's overloads of clamp take one kind or the other
+    clipped = -adv * torch.clamp(ratio, low_bound, high_bound)  # type: ignore[arg-type]
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def ppo_clip(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
+def ppo_clip(cfg: PolicyLossConfig, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
+             mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO / DAPO clip-higher: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))."""
     return _clip_max(adv, _ratio(log_prob, old_log_prob), 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
 
 
-def gppo(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
+def gppo(cfg: PolicyLossConfig, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
+         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GPPO: the clip bounds keep their value but carry a beta-scaled gradient."""
     ratio = _ratio(log_prob, old_log_prob)
     # value exactly 1, gradient grad(logp)
@@ -53,7 +57,8 @@ def gppo(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
     return _clip_max(adv, ratio, low_bound, high_bound)
 
 
-def cispo(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
+def cispo(cfg: PolicyLossConfig, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
+          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CISPO: -A * sg(clip(r)) * logp, so every token keeps a gradient."""
     ratio = _ratio(log_prob, old_log_prob)
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
@@ -61,7 +66,8 @@ def cispo(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
     return -adv * weight * log_prob, (ratio < lo) | (ratio > hi)
 
 
-def gspo(cfg: PolicyLossConfig, log_prob, old_log_prob, adv, mask):
+def gspo(cfg: PolicyLossConfig, log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
+         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO: the length-normalised sequence ratio, clipped, on every token of the sequence."""
     lo, hi = 1.0 - cfg.gspo_eps_low, 1.0 + cfg.gspo_eps_high
     seq_log_ratio = torch.where(mask, log_prob - old_log_prob, 0.0).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -83,7 +89,7 @@ def register_surrogate(name: str, fn: SurrogateFn) -> None:
     SURROGATES[name] = fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str, what: str) -> SurrogateFn:
     return load_callable(path, what)
 

@@ -165,7 +165,7 @@ def supervised_warmup(model, tokenizer, dataset: PromptDataset, config: WarmupCo
             labels.append([-100] * len(item["prompt_ids"]) + resp)
         width = max(len(s) for s in seqs)
         input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-        label_ids = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         loss = model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
         opt.zero_grad(set_to_none=True)

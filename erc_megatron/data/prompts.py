@@ -221,7 +221,7 @@ class PromptIterator:
         self._order = self._epoch_order(0)
 
     @classmethod
-    def from_config(cls, dataset: PromptDataset, config: DataConfig) -> "PromptIterator":
+    def from_config(cls, dataset: PromptDataset, config: DataConfig) -> PromptIterator:
         """The iterator a run uses: data.shuffle with data.seed."""
         return cls(dataset, shuffle=config.shuffle, seed=config.seed)
 

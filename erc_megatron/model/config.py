@@ -56,7 +56,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                      "make_vocab_size_divisible_by", "max_position_embeddings"):
-            _require(int(getattr(self, name)) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)}")
+            _require(int(getattr(self, name)) > 0,
+                     f"model.{name} must be a positive integer, got {getattr(self, name)}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         _require(self.num_attention_heads % self.num_query_groups == 0,
@@ -67,7 +68,8 @@ class ModelConfig:
                      f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
                      f"({self.num_attention_heads}) unless model.kv_channels is set")
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        _require(self.params_dtype in PARAMS_DTYPES, f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
+        _require(self.params_dtype in PARAMS_DTYPES,
+                 f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         _require(self.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
@@ -75,7 +77,7 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     @classmethod
-    def from_hf_config(cls, hf: Any, **overrides: Any) -> "ModelConfig":
+    def from_hf_config(cls, hf: Any, **overrides: Any) -> ModelConfig:
         """Build from a transformers PretrainedConfig (Llama, Qwen2, Qwen3 dense)."""
         arch = (getattr(hf, "architectures", None) or [f"{type(hf).__name__.replace('Config', '')}ForCausalLM"])[0]
         supported = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

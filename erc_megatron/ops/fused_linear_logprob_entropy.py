@@ -13,6 +13,7 @@ Backends: only "torch" (chunked torch ops, any device) exists. A GPU kernel regi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,17 +77,22 @@ def fused_linear_logprob_entropy(
         raise ValueError(f"target: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
                          f"got {tuple(getattr(target, 'shape', ()))}")
     shard = resolve_shard(weight.shape[0], tp_group, vocab_size)
-    check_common(target, temperature, chunk_size, shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
-    return _BACKENDS[backend](hidden, weight, target, tp_group, shard, 1.0 / float(temperature),
-                              chunk_size or DEFAULT_CHUNK_ROWS, bool(entropy_grad))
+    check_common(target, temperature, chunk_size,
+                 shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
+    logp, entropy = _BACKENDS[backend](hidden, weight, target, tp_group, shard, 1.0 / float(temperature),
+                                       chunk_size or DEFAULT_CHUNK_ROWS, bool(entropy_grad))
+    return logp, entropy
 
 
-def _torch_backend(hidden, weight, target, tp_group, shard: VocabShard, inv_t: float, chunk_size: int,
-                   entropy_grad: bool):
-    return _FusedLinearLogprobEntropy.apply(hidden, weight, target, tp_group, shard, inv_t, chunk_size, entropy_grad)
+def _torch_backend(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                   tp_group: dist.ProcessGroup | None, shard: VocabShard, inv_t: float, chunk_size: int,
+                   entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logp, entropy = _FusedLinearLogprobEntropy.apply(hidden, weight, target, tp_group, shard, inv_t, chunk_size,
+                                                     entropy_grad)
+    return logp, entropy
 
 
-_BACKENDS: dict[str, Callable] = {"torch": _torch_backend}
+_BACKENDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"torch": _torch_backend}
 
 
 def _compute_weight(weight: torch.Tensor, shard: VocabShard) -> torch.Tensor:
@@ -96,7 +102,9 @@ def _compute_weight(weight: torch.Tensor, shard: VocabShard) -> torch.Tensor:
 
 class _FusedLinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, tp_group, shard: VocabShard, inv_t: float, chunk: int, entropy_grad):
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                tp_group: dist.ProcessGroup | None, shard: VocabShard, inv_t: float, chunk: int,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cdtype = compute_dtype(hidden.dtype)
         h = hidden.reshape(-1, hidden.shape[-1])
         rows = h.shape[0]
@@ -126,7 +134,8 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx: Any, grad_logp: torch.Tensor,
+                 grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, target, lse_raw, *rest = ctx.saved_tensors
         shard, inv_t, chunk = ctx.shard, ctx.inv_t, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -152,12 +161,12 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
             grad_logits_chunk(logits, inv_t, lse_hi[i:j], a[i:j], None if b is None else b[i:j],
                               None if mean_hi is None else mean_hi[i:j], onehot[i:j], idx[i:j], g, None,
                               x_is_scratch=True)
-            if need_h:
+            if grad_h is not None:
                 torch.mm(g, w, out=grad_h[i:j])
-            if need_w:
+            if grad_w is not None:
                 grad_w[: shard.valid].addmm_(g.T, hc)
         del lbuf, gbuf
-        if need_h:
+        if grad_h is not None:
             # reduced in hidden's dtype, as megatron's output layer does: same traffic as the unfused path
             grad_h = grad_h.to(hidden.dtype)
             if shard.tp_size > 1:

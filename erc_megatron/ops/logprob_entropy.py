@@ -5,6 +5,8 @@ the logits each way, the logits never modified. See `vocab_parallel_stats` for t
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -58,14 +60,18 @@ def vocab_parallel_logprob_entropy(
         raise ValueError(f"target: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), "
                          f"got {tuple(getattr(target, 'shape', ()))}")
     shard = resolve_shard(logits.shape[-1], tp_group, vocab_size)
-    check_common(target, temperature, chunk_size, shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
-    return _LogprobEntropy.apply(logits, target, tp_group, shard, 1.0 / float(temperature), chunk_size,
-                                 bool(entropy_grad))
+    check_common(target, temperature, chunk_size,
+                 shard.local_size * shard.tp_size if vocab_size is None else vocab_size)
+    logp, entropy = _LogprobEntropy.apply(logits, target, tp_group, shard, 1.0 / float(temperature), chunk_size,
+                                          bool(entropy_grad))
+    return logp, entropy
 
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, shard: VocabShard, inv_t: float, chunk_size, entropy_grad):
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, tp_group: dist.ProcessGroup | None,
+                shard: VocabShard, inv_t: float, chunk_size: int | None,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cdtype = compute_dtype(logits.dtype)
         x = logits.reshape(-1, shard.local_size)[:, : shard.valid]
         rows, width = x.shape
@@ -94,7 +100,8 @@ class _LogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx: Any, grad_logp: torch.Tensor,
+                 grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         logits, target, lse_raw, *rest = ctx.saved_tensors
         shard, inv_t, chunk = ctx.shard, ctx.inv_t, ctx.chunk
         cdtype = compute_dtype(logits.dtype)
@@ -115,7 +122,7 @@ class _LogprobEntropy(torch.autograd.Function):
         tmp = torch.empty((c, width), dtype=cdtype, device=logits.device) if b is not None else None
         for i in range(0, rows, chunk):
             j = min(i + chunk, rows)
-            out = g2[i:j, : shard.valid] if direct else obuf[: j - i]
+            out = g2[i:j, : shard.valid] if obuf is None else obuf[: j - i]
             grad_logits_chunk(x[i:j], inv_t, lse_hi[i:j], a[i:j], None if b is None else b[i:j],
                               None if mean_hi is None else mean_hi[i:j], onehot[i:j], idx[i:j], out,
                               None if tmp is None else tmp[: j - i])

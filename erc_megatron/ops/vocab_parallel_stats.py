@@ -97,7 +97,7 @@ def default_chunk_rows(width: int) -> int:
 
 
 def chunk_stats(x: torch.Tensor, inv_t: float, idx: torch.Tensor, here: torch.Tensor,
-                dbuf: torch.Tensor, ebuf: torch.Tensor, out: torch.Tensor, x_is_scratch: bool = False) -> None:
+                dbuf: torch.Tensor | None, ebuf: torch.Tensor, out: torch.Tensor, x_is_scratch: bool = False) -> None:
     """Local stats of rows `x` [c, valid] into `out` ([4, c] view of the compute dtype).
 
     Rows of `out`: raw max mx = max x, s = sum exp(d), w = sum exp(d) d with d = (x - mx) / T, and
@@ -183,6 +183,7 @@ def grad_logits_chunk(x: torch.Tensor, inv_t: float, lse_hi: torch.Tensor, coef_
         return
     torch.sub(x, lse_hi.unsqueeze(1), out=out)
     if coef_b is not None:  # before `x` may be overwritten (fused path)
+        assert mean_hi is not None and (x_is_scratch or tmp is not None)  # they come with coef_b
         t = torch.sub(x, mean_hi.unsqueeze(1), out=x if x_is_scratch else tmp)
         t.mul_(coef_b.unsqueeze(1)).add_(coef_a.unsqueeze(1))
     if inv_t != 1.0:
@@ -193,7 +194,8 @@ def grad_logits_chunk(x: torch.Tensor, inv_t: float, lse_hi: torch.Tensor, coef_
 
 
 def grad_coefficients(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, lse_raw: torch.Tensor,
-                      mean_raw: torch.Tensor | None, here: torch.Tensor, inv_t: float, dtype: torch.dtype):
+                      mean_raw: torch.Tensor | None, here: torch.Tensor, inv_t: float, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Per-row terms for `grad_logits_chunk`: (lse_hi, a, b, mean_hi, onehot) in the compute dtype.
 
     With z = x / T, p = exp(z - lse), dlogp/dz = onehot - p, dH/dz = -p (z - E_p[z]):
@@ -209,6 +211,7 @@ def grad_coefficients(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None
         a, b, mean_hi = -inv_t * k * g_l, None, None
     else:
         g_h = grad_entropy.reshape(-1).to(torch.float64)
+        assert mean_raw is not None  # saved whenever the entropy gradient is wanted
         mean_hi, mean_lo = split_hi_lo(mean_raw, dtype)
         a = -inv_t * k * (g_l - g_h * inv_t * mean_lo)
         b = (-inv_t * inv_t * k * g_h).to(dtype)

@@ -239,7 +239,7 @@ class SGLangClient:
         parts = self._fanout(run, chunks)
         results = []
         for j in range(n):  # re-interleave per-server sample-major blocks into one sample-major batch
-            for (url, lo, hi), part in zip(chunks, parts):
+            for (_url, lo, hi), part in zip(chunks, parts):
                 size = hi - lo
                 results.extend(part[j * size:(j + 1) * size])
         return results

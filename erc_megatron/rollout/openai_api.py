@@ -44,8 +44,8 @@ def _sampling(body: dict, max_tokens_default: int | None) -> dict:
               "stop_token_ids": body.get("stop_token_ids"), "ignore_eos": body.get("ignore_eos", False),
               "skip_special_tokens": body.get("skip_special_tokens", True),
               "no_stop_trim": body.get("no_stop_trim", False), "sampling_seed": body.get("seed")}
-    for key, default in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("min_p", 0.0),
-                         ("repetition_penalty", 1.0), ("logit_bias", None)):
+    for key, _default in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("min_p", 0.0),
+                          ("repetition_penalty", 1.0), ("logit_bias", None)):
         if body.get(key) is not None:
             params[key] = body[key]  # refused by SamplingParams unless at the default
     return {k: v for k, v in params.items() if v is not None}

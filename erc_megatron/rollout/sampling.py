@@ -89,7 +89,7 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @classmethod
-    def from_request(cls, raw: dict | None) -> "SamplingParams":
+    def from_request(cls, raw: dict | None) -> SamplingParams:
         """Parse the JSON `sampling_params` of a /generate request, refusing what we cannot honour."""
         raw = dict(raw or {})
         known = {f for f in cls.__dataclass_fields__}

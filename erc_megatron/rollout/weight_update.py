@@ -212,7 +212,8 @@ class WeightUpdater:
         with self._staged_lock:
             self._staged.update(named)
             if not commit:
-                return True, f"Succeeded to update parameter online ({len(named)} tensors staged until the last bucket)."
+                return True, (f"Succeeded to update parameter online ({len(named)} tensors staged "
+                              "until the last bucket).")
         applied = self.commit_staged()
         return True, f"Succeeded to update parameter online ({applied} tensors applied)."
 

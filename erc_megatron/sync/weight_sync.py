@@ -209,7 +209,8 @@ class WeightSync:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.learner, self.model_cfg, self.client = learner, model_cfg, client
-        self.bucket_bytes, self.group_name, self.max_attempts, self.dtype = bucket_bytes, group_name, max_attempts, dtype
+        self.bucket_bytes, self.group_name = bucket_bytes, group_name
+        self.max_attempts, self.dtype = max_attempts, dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.group = None
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -256,7 +257,8 @@ class WeightSync:
         self.group = joined.result()
         for f in futures:
             f.result()
-        log.info("weight update group %s: %d servers, world %d via %s:%d", self.group_name, len(gpus), world, addr, port)
+        log.info("weight update group %s: %d servers, world %d via %s:%d",
+                 self.group_name, len(gpus), world, addr, port)
 
     # ------------------------------------------------------------------ one attempt
     def _attempt(self, version: int) -> tuple[bool, str, bool]:

@@ -28,7 +28,7 @@ class MicroBatch:
         b, s = self.tokens.shape
         return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
 
-    def with_(self, **kw) -> "MicroBatch":
+    def with_(self, **kw) -> MicroBatch:
         return replace(self, **kw)
 
 

@@ -30,7 +30,8 @@ class ModelSection:
         if self.params_dtype not in PARAMS_DTYPES:
             raise ConfigError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         if self.make_vocab_size_divisible_by < 1:
-            raise ConfigError(f"model.make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
+            raise ConfigError("model.make_vocab_size_divisible_by must be >= 1, "
+                              f"got {self.make_vocab_size_divisible_by}")
         if not self.path:
             raise ConfigError("model.path is required: a Hugging Face checkpoint directory "
                               "(`erc-megatron make-demo-model --out DIR` creates the CPU demo's)")
@@ -188,7 +189,8 @@ class TrainerConfig:
         for name in ("nll_coef", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
-        bad = [s for s in self.profile_steps if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.steps]
+        bad = [s for s in self.profile_steps
+               if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.steps]
         if bad or len(set(self.profile_steps)) != len(self.profile_steps):
             raise ConfigError(f"trainer.profile_steps must be distinct step numbers in 1..trainer.steps "
                               f"({self.steps}), got {self.profile_steps}")

@@ -103,7 +103,8 @@ def train(cfg) -> dict:
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
-    model_cfg = ModelConfig.from_hf_config(hf_config, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+    model_cfg = ModelConfig.from_hf_config(hf_config,
+                                           make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                                            params_dtype=cfg.model.params_dtype)
     launch = init_distributed(cfg.parallel, model_cfg)
     from megatron.core import parallel_state as ps

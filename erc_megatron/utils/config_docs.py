@@ -14,7 +14,7 @@ import typing
 from typing import Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: the string literal right under its annotation} over `cls` and its dataclass bases."""
     docs: dict[str, str] = {}

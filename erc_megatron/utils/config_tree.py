@@ -132,6 +132,3 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
         apply_override(tree, ov)
     return build(cls, tree)
 
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 PREFIX = "[erc-megatron] "
 
@@ -316,7 +316,7 @@ class Progress:
         while not self._stop.wait(min(1.0, self.every_s / 4)):
             self.tick()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self.start = self.last = self.clock()
         if self._thread:
             self._worker = threading.Thread(target=self._run, name="erc-progress", daemon=True)

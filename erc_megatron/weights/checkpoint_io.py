@@ -55,7 +55,7 @@ class HFCheckpointReader:
             raise FileNotFoundError(f"{hf_dir} has neither {INDEX_FILE} nor {SINGLE_FILE} "
                                     f"(only safetensors checkpoints are supported)")
 
-    def __enter__(self) -> "HFCheckpointReader":
+    def __enter__(self) -> HFCheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -137,6 +137,7 @@ def _assert_matches(got: dict, want: dict) -> None:
         assert math.isclose(got[k], v, rel_tol=1e-12, abs_tol=1e-14), (k, got[k], v)
 
 
+@pytest.mark.e2e
 def test_reduced_metrics_equal_concatenated_reference_on_gloo_ranks():
     results = run_distributed(_worker, world_size=3)
     want = reference_metrics()

@@ -76,6 +76,7 @@ def _worker(rank, world_size, out_dir):
     return seen
 
 
+@pytest.mark.e2e
 def test_profiler_records_chosen_step_with_roles_phases_and_async_overlap(tmp_path):
     res = run_distributed(_worker, 2, args=(str(tmp_path),))
     for rank, r in enumerate(res):

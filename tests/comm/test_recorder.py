@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
@@ -77,6 +78,7 @@ def _worker(rank, world_size):
     )
 
 
+@pytest.mark.e2e
 def test_records_every_collective_with_bytes_groups_and_nesting():
     res = run_distributed(_worker, 2)
     for rank, r in enumerate(res):

@@ -1,7 +1,10 @@
+import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.e2e  # multi-process launches
 
 
 def _worker(rank, world_size):

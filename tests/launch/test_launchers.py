@@ -31,6 +31,8 @@ from tests.distributed import free_port
 from tests.demo_runs import read_metrics
 from tests.launch.common import FIGURES, REPO, missing
 
+pytestmark = pytest.mark.e2e  # multi-process launches
+
 CONFIG = REPO / "examples" / "cpu_demo.yaml"
 STEPS = 3
 RANKS = 4  # TP=2 x PP=2 from the recipe: 4 ranks on a 2-core machine

@@ -32,6 +32,7 @@ def _worker(rank, world_size, port):
     return payload.tolist(), summed_custom.item(), summed_default.item(), shape, after.item(), name_free
 
 
+@pytest.mark.e2e
 def test_custom_group_alongside_default_group():
     results = run_distributed(_worker, 2, args=(free_port(),))
     root_default_rank = 1  # group rank 0

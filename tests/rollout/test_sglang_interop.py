@@ -13,6 +13,8 @@ import pytest
 
 from .tiny_model import build_tiny_model
 
+pytestmark = pytest.mark.e2e  # multi-process launches
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -344,6 +344,7 @@ def _max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+@pytest.mark.e2e
 def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     pytest.importorskip("transformers")
     seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))

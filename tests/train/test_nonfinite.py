@@ -14,9 +14,12 @@ import logging
 import math
 import os
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.e2e  # multi-process launches
 
 LAYOUTS = [(2, 2), (2, 1)]
 

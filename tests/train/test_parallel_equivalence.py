@@ -7,9 +7,12 @@ ranks and over different numbers of micro-batches per rank.
 import math
 import os
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.e2e  # multi-process launches
 
 # (tp, pp, fused_output_layer): the last one never materialises the logits
 LAYOUTS = [(2, 2, False), (2, 1, False), (1, 1, False), (2, 2, True)]

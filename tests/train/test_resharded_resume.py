@@ -8,10 +8,13 @@ bit for bit, as the per-rank files: the format itself loses nothing.
 import math
 import os
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
 from tests.train.test_parallel_equivalence import _full_state, _rollout
+
+pytestmark = pytest.mark.e2e  # multi-process launches
 
 SAVED = (2, 2)
 RESHARDED = [(1, 1), (2, 1)]

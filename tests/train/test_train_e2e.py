@@ -48,7 +48,8 @@ LAUNCH_TIMEOUT = 400
 PROFILED_STEP = 2  # no validation before it: only training collectives
 PROFILE = ("trainer.profile_comm=true", f"trainer.profile_steps=[{PROFILED_STEP}]")
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

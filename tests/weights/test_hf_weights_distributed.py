@@ -20,6 +20,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.e2e  # multi-process launches
+
 TOKENS_SHAPE = (2, 9)
 TOL = 1e-5
 

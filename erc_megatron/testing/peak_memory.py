@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
+
+from erc_megatron.patches.torch_profiler_memory import cpu_memory_events
 
 
 def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
@@ -22,24 +23,7 @@ def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         result = fn()
     level = peak = 0
-    for _, delta in _memory_events(prof):
+    for _, delta in cpu_memory_events(prof):
         level += delta
         peak = max(peak, level)
     return result, peak
-
-
-def _memory_events(prof: profile) -> list[tuple[int, int]]:
-    """(time ns, +-bytes) of every CPU allocation / free, in time order.
-
-    PRIVATE torch API (checked on torch 2.13): the public `prof.events()` folds allocations into
-    the op that made them (net of frees inside it, hiding an op's internal peak), so this reads
-    the raw kineto results, where each allocation and free is its own "[memory]" event.
-    """
-    try:
-        raw = prof.profiler.kineto_results.events()
-        events = [(e.start_ns(), e.nbytes()) for e in raw
-                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    except AttributeError as err:
-        raise RuntimeError(f"peak_cpu_bytes: torch {torch.__version__} changed the profiler's kineto results "
-                           f"(checked on 2.13): {err}") from err
-    return sorted(events, key=lambda e: e[0])

@@ -1,0 +1,1 @@
+"""Helpers for the tests and benchmarks only (measuring, not training): nothing in the product imports them."""
