@@ -347,7 +347,7 @@ def _max_diff(a, b) -> float:
 @pytest.mark.e2e
 def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     pytest.importorskip("transformers")
-    seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
+    seed = int(os.environ.get("ERC_TEST_SEED", "1234"))
     path = str(tmp_path / "qwen2")
     _make_checkpoint(path, seed)
     results = run_distributed(_worker, 4, args=(path, seed, str(tmp_path)), timeout=300)

@@ -170,7 +170,7 @@ def _worker(rank, world_size, seed, ckpt_dir):
 
 
 def test_nonfinite_loss_or_entropy_skips_the_step_everywhere_and_leaves_no_trace(tmp_path):
-    seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
+    seed = int(os.environ.get("ERC_TEST_SEED", "1234"))
     per_rank = run_distributed(_worker, 4, args=(seed, str(tmp_path)))
     for rank, results in enumerate(per_rank):
         for layout, res in results.items():

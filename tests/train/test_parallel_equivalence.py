@@ -123,7 +123,7 @@ def _worker(rank, world_size, seed):
 
 
 def test_tp2pp2_tp2pp1_tp1pp1_fused_same_erc_training():
-    seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
+    seed = int(os.environ.get("ERC_TEST_SEED", "1234"))
     per_rank = run_distributed(_worker, 4, args=(seed,))
     ref = per_rank[0][(1, 1, False)]
     assert len(ref) == 3

@@ -103,7 +103,7 @@ def _worker(rank, world_size, seed, run_dir):
 
 
 def test_resume_on_another_layout_matches_the_run_that_kept_its_layout(tmp_path):
-    seed = int(os.environ.get("ERC_TEST_SEED", torch.randint(0, 10_000, (1,))))
+    seed = int(os.environ.get("ERC_TEST_SEED", "1234"))
     per_rank = run_distributed(_worker, 4, args=(seed, str(tmp_path)))
     ckpt = tmp_path / "checkpoints" / "step_000001"
     assert {p.name for p in ckpt.iterdir()} >= {"model", "adam_exp_avg", "adam_exp_avg_sq", "trainer.json"}
