@@ -58,6 +58,7 @@ def _worker(rank, world_size, out_dir):
     with comm_phase("weight_sync"):
         peer = 1 - rank
         if rank == 0:
+            time.sleep(SLEEP)  # rank 1's irecv is posted and waiting first, so its wait exposes the transfer
             work = dist.isend(torch.ones(11), peer)
             time.sleep(SLEEP)  # overlapped "compute" before the wait
             work.wait()

@@ -275,8 +275,10 @@ def _worker(rank, world_size, path, seed, log_dir):
         record("after_rejects")
 
         # 2e. colocated mode (the server is on this machine): buckets through shared memory and
-        # /update_weights_from_tensor, no group; then one whose second call fails: all old weights kept
-        _train(learner, cfg, batch, steps=1)
+        # /update_weights_from_tensor, no group; then one whose second call fails: all old weights kept.
+        # By now the batch is nearly learnt and one more step barely moves the probe, so the probe's
+        # prompt is trained towards another continuation (its reverse): the probe's log-probs move.
+        _train(learner, cfg, pack_sequences([probe[0]], [probe[1][::-1]]), steps=1)
         colocated = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, max_attempts=1, timeout_s=60,
                                mode="tensor")
         colocated.sync(6)
