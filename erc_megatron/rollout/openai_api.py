@@ -109,6 +109,29 @@ def _check_fields(body: dict, allowed: set[str], what: str):
     return None
 
 
+def _respond(server, body: dict, reqs, head: dict, full_object: str, chunk_object: str, chunk_choice, full_choice):
+    """The OpenAI envelope shared by completions and chat: server-sent chunks when `stream`, else one
+    answer once every request is done. `chunk_choice(delta, finished_req_or_None)` and
+    `full_choice(req)` give the endpoint's own part of a choice."""
+    if body.get("stream"):
+        def chunk_of(i, delta, finished):
+            reason, matched = _finish(finished) if finished is not None else (None, None)
+            return {**head, "object": chunk_object,
+                    "choices": [{"index": i, **chunk_choice(delta, finished),
+                                 "finish_reason": reason, "matched_stop": matched}]}
+        usage = body.get("stream_options") or {}
+        final = (lambda: {**head, "object": chunk_object, "choices": [], "usage": _usage(reqs)}) \
+            if usage.get("include_usage") else None
+        return HTTPStatus.OK, _stream(server, reqs, chunk_of, final)
+    for req in reqs:
+        req.done.wait()
+    choices = []
+    for i, req in enumerate(reqs):
+        reason, matched = _finish(req)
+        choices.append({"index": i, **full_choice(req), "finish_reason": reason, "matched_stop": matched})
+    return HTTPStatus.OK, {**head, "object": full_object, "choices": choices, "usage": _usage(reqs)}
+
+
 def completions(server, body: dict):
     refused = _check_fields(body, _COMPLETION_FIELDS, "/v1/completions")
     if refused:
@@ -151,25 +174,14 @@ def completions(server, body: dict):
         return {"tokens": tokens, "token_logprobs": list(req.output_logprobs), "top_logprobs": tops,
                 "text_offset": offsets}
 
-    if body.get("stream"):
-        def chunk_of(i, delta, finished):
-            reason, matched = _finish(finished) if finished is not None else (None, None)
-            return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": i, "text": delta, "logprobs": choice_logprobs(finished) if finished else None,
-                                 "finish_reason": reason, "matched_stop": matched}]}
-        usage = body.get("stream_options") or {}
-        final = (lambda: {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                          "usage": _usage(reqs)}) if usage.get("include_usage") else None
-        return HTTPStatus.OK, _stream(server, reqs, chunk_of, final)
-    for req in reqs:
-        req.done.wait()
-    choices = []
-    for i, req in enumerate(reqs):
-        reason, matched = _finish(req)
-        choices.append({"index": i, "text": server._text(req), "logprobs": choice_logprobs(req),
-                        "finish_reason": reason, "matched_stop": matched})
-    return HTTPStatus.OK, {"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": choices, "usage": _usage(reqs)}
+    def chunk_choice(delta, finished):
+        return {"text": delta, "logprobs": choice_logprobs(finished) if finished else None}
+
+    def full_choice(req):
+        return {"text": server._text(req), "logprobs": choice_logprobs(req)}
+
+    return _respond(server, body, reqs, {"id": rid, "created": created, "model": model},
+                    "text_completion", "text_completion", chunk_choice, full_choice)
 
 
 def chat_completions(server, body: dict):
@@ -213,24 +225,12 @@ def chat_completions(server, body: dict):
             content.append({**entry(token, lp), "top_logprobs": tops})
         return {"content": content}
 
-    if body.get("stream"):
-        def chunk_of(i, delta, finished):
-            reason, matched = _finish(finished) if finished is not None else (None, None)
-            d = {"content": delta} if finished is None else {}
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": i, "delta": {"role": "assistant", **d},
-                                 "logprobs": choice_logprobs(finished) if finished else None,
-                                 "finish_reason": reason, "matched_stop": matched}]}
-        usage = body.get("stream_options") or {}
-        final = (lambda: {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [], "usage": _usage(reqs)}) if usage.get("include_usage") else None
-        return HTTPStatus.OK, _stream(server, reqs, chunk_of, final)
-    for req in reqs:
-        req.done.wait()
-    choices = []
-    for i, req in enumerate(reqs):
-        reason, matched = _finish(req)
-        choices.append({"index": i, "message": {"role": "assistant", "content": server._text(req)},
-                        "logprobs": choice_logprobs(req), "finish_reason": reason, "matched_stop": matched})
-    return HTTPStatus.OK, {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                           "choices": choices, "usage": _usage(reqs)}
+    def chunk_choice(delta, finished):
+        d = {"content": delta} if finished is None else {}
+        return {"delta": {"role": "assistant", **d}, "logprobs": choice_logprobs(finished) if finished else None}
+
+    def full_choice(req):
+        return {"message": {"role": "assistant", "content": server._text(req)}, "logprobs": choice_logprobs(req)}
+
+    return _respond(server, body, reqs, {"id": rid, "created": created, "model": model},
+                    "chat.completion", "chat.completion.chunk", chunk_choice, full_choice)
