@@ -95,7 +95,7 @@ def run(rank: int, args, path: str) -> None:
     from erc_megatron.model.gpt import build_gpt_model
     from erc_megatron.rollout.client import SGLangClient
     from erc_megatron.rollout.flat_bucket import flatten_tensors
-    from erc_megatron.rollout.server import launch_server_process
+    from erc_megatron.rollout_server.server import launch_server_process
     from erc_megatron.sync.weight_sync import WeightSync
     from erc_megatron.weights.checkpoint_io import hf_config_to_model_config
     from erc_megatron.weights.hf_stream import iter_hf_weights, plan_hf_buckets

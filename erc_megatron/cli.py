@@ -13,7 +13,7 @@ from erc_megatron import __version__
 
 SUBCOMMANDS = {
     "train": ("erc_megatron.train.main", "train with ERC / DAPO / GPPO (run under torchrun)"),
-    "serve": ("erc_megatron.rollout.server", "embedded rollout server speaking SGLang's HTTP protocol"),
+    "serve": ("erc_megatron.rollout_server.server", "embedded rollout server speaking SGLang's HTTP protocol"),
     "plot": ("erc_megatron.train.plot", "plot a run directory's metrics into a PNG"),
     "make-demo-model": ("erc_megatron.data.demo_model", "create the tiny CPU demo model, tokenizer and dataset"),
     "convert": ("erc_megatron.weights.convert_cli", "convert Hugging Face <-> Megatron checkpoints"),

@@ -154,7 +154,7 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
     import os
 
     from erc_megatron.rollout.client import SGLangClient
-    from erc_megatron.rollout.server import launch_server_process
+    from erc_megatron.rollout_server.server import launch_server_process
 
     rc = cfg.rollout
     process = None
@@ -166,7 +166,7 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
         # one thread: the learner ranks share the same cores
         env = None
         if rc.api_key:
-            from erc_megatron.rollout.server import API_KEY_ENV
+            from erc_megatron.rollout_server.server import API_KEY_ENV
 
             env = {**os.environ, API_KEY_ENV: rc.api_key}
         process = launch_server_process(cfg.model.path, seed=rc.embedded_seed, startup_timeout=rc.startup_timeout_s,

@@ -240,7 +240,7 @@ def main(model_dir: str) -> None:
     from erc_megatron.patches.sglang_cpu_import import import_sglang
     from transformers import AutoTokenizer
 
-    from erc_megatron.rollout.server import launch_server_process
+    from erc_megatron.rollout_server.server import launch_server_process
 
     sgl = import_sglang()
     from sglang.srt.managers import io_struct

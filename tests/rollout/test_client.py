@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from erc_megatron.rollout.client import SGLangClient, SGLangError, group_by_prompt
-from erc_megatron.rollout.server import launch_server_process, start_server_in_thread
+from erc_megatron.rollout_server.server import launch_server_process, start_server_in_thread
 from tests.distributed import free_port
 
 from .tiny_model import build_tiny_model

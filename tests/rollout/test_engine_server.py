@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from erc_megatron.rollout.server import start_server_in_thread
+from erc_megatron.rollout_server.server import start_server_in_thread
 
 from .tiny_model import EOS, EOS_PROBE_PROMPT, build_tiny_model, float64_copy, greedy_hf, reference_logits
 
@@ -329,8 +329,8 @@ def test_engine_on_qwen2_matches_hf_generate():
     """The demo model is a Qwen2 (q/k/v biases): same cache surgery, same greedy tokens as HF."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from erc_megatron.rollout.engine import Engine, Request
-    from erc_megatron.rollout.sampling import SamplingParams
+    from erc_megatron.rollout_server.engine import Engine, Request
+    from erc_megatron.rollout_server.sampling import SamplingParams
 
     torch.manual_seed(3)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from erc_megatron.rollout.server import start_server_in_thread
+from erc_megatron.rollout_server.server import start_server_in_thread
 
 from .tiny_model import build_tiny_model
 

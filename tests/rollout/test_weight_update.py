@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 from erc_megatron.patches.custom_process_group import destroy_custom_process_group, init_custom_process_group
 from erc_megatron.rollout.client import SGLangClient, SGLangError
 from erc_megatron.rollout.flat_bucket import flatten_tensors
-from erc_megatron.rollout.server import launch_server_process
+from erc_megatron.rollout_server.server import launch_server_process
 from tests.distributed import free_port
 
 from .tiny_model import build_tiny_model, make_config, reference_logits

@@ -175,7 +175,7 @@ def _worker(rank, world_size, path, seed, log_dir):
     from erc_megatron.model.config import ParallelConfig
     from erc_megatron.patches.custom_process_group import destroy_custom_process_group
     from erc_megatron.rollout.client import SGLangClient
-    from erc_megatron.rollout.server import launch_server_process
+    from erc_megatron.rollout_server.server import launch_server_process
     from erc_megatron.sync.weight_sync import WeightSync
     from erc_megatron.train.batch import pack_sequences
     from erc_megatron.train.learner import OptimConfig, build_learner

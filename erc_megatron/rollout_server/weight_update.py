@@ -32,7 +32,7 @@ import torch.distributed as dist
 from erc_megatron.patches.custom_process_group import destroy_custom_process_group, init_custom_process_group
 
 from .engine import Engine
-from .flat_bucket import bucket_nbytes, unflatten_tensors
+from erc_megatron.rollout.flat_bucket import bucket_nbytes, unflatten_tensors
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class WeightUpdater:
         Decoded with tensor_payload's restricted unpickler only; the tensors live in the sender's
         shared memory, so they are copied before the call answers.
         """
-        from .tensor_payload import PayloadError, decode_named_tensors  # noqa: PLC0415
+        from erc_megatron.rollout.tensor_payload import PayloadError, decode_named_tensors  # noqa: PLC0415
 
         if load_format not in LOAD_FORMATS_TENSOR:
             self.drop_staged("a request was refused")
