@@ -6,6 +6,7 @@ from erc_megatron.algo.advantages import (
     dynamic_sampling_filter,
     group_advantages,
     overlong_penalty,
+    set_group_advantages,
 )
 from erc_megatron.algo.policy_loss import PolicyLossConfig, aggregation_denominator, policy_loss
 from erc_megatron.algo.surrogates import SURROGATES, register_surrogate, resolve_surrogate
@@ -29,4 +30,5 @@ __all__ = [
     "reduce_step_metrics",
     "register_surrogate",
     "resolve_surrogate",
+    "set_group_advantages",
 ]

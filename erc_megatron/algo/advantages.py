@@ -1,4 +1,5 @@
-"""DAPO-style group advantages, dynamic sampling and the soft overlong penalty.
+"""DAPO-style group advantages (of reward tensors, or set on a step's sampled responses), dynamic
+sampling and the soft overlong penalty.
 
 Rewards of one rollout step are laid out group by group: the `group_size` responses of prompt 0,
 then those of prompt 1, and so on.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Any
+from typing import Any, Protocol
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,31 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     adv = ((grouped - mean) / (std + eps)).reshape(-1)
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return adv.to(out_dtype)
+
+
+class ScoredResponse(Protocol):
+    """What `set_group_advantages` reads and writes (erc_megatron.rollout.collect.Sample is one)."""
+
+    reward: float
+    advantage: float
+
+
+def set_group_advantages(groups: Sequence[Sequence[ScoredResponse]], eps: float = 1e-6) -> torch.Tensor:
+    """Give every response of `groups` (equal-sized groups of one prompt each) its group advantage.
+
+    Returns the [num_groups, group_size] float64 advantages it wrote (`group_advantages` of the rewards).
+    """
+    if not groups:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    size = len(groups[0])
+    if any(len(g) != size for g in groups):
+        raise ValueError(f"groups must all have {size} responses, got sizes {sorted({len(g) for g in groups})}")
+    rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float64)
+    adv = group_advantages(rewards.reshape(-1), size, eps).reshape(len(groups), size)
+    for group, row in zip(groups, adv.tolist()):
+        for response, a in zip(group, row):
+            response.advantage = a
+    return adv
 
 
 def broadcast_to_tokens(adv_per_seq: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Rollout -> rewards -> advantages for one RL step (runs on the learner's rank 0).
+"""Rollout for one RL step, with DAPO dynamic sampling (runs on the learner's rank 0).
+
+Rewards come from erc_megatron.reward.score (dynamic sampling keeps the groups whose rewards
+differ, so each round is scored as it arrives); advantages are set afterwards, on the kept groups,
+by erc_megatron.algo.set_group_advantages (the trainer's collect phase, erc_megatron.train.phases).
 
 Each prompt is sent `n` times with n=1 and its own `sampling_seed` (derived from the run seed, the
 step, the round and the sample), so a run resumed from a checkpoint regenerates exactly the same
@@ -12,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from erc_megatron.algo import DynamicSampler, group_advantages, overlong_penalty
-from erc_megatron.reward.registry import compute_rewards
+from erc_megatron.algo import DynamicSampler
+from erc_megatron.reward.score import score_responses
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,8 @@ def generate_groups(client, prompts: list[dict], n: int, params: dict, reward_fn
     outputs = client.generate(inputs, [dict(params, sampling_seed=s) for s in seeds], return_logprob=True)
     texts = [o["text"] for o in outputs]
     answers = [p["answer"] for p in prompts for _ in range(n)]
-    scored = compute_rewards(reward_fn, texts, answers)
-    rewards = torch.tensor(scored.scores, dtype=torch.float64)
-    lengths = torch.tensor([len(o["output_ids"]) for o in outputs])
-    if overlong is not None and overlong[1] > 0:
-        rewards = rewards + overlong_penalty(lengths, overlong[0], overlong[1]).to(torch.float64)
+    rewards, reward_metrics = score_responses(reward_fn, texts, answers, [len(o["output_ids"]) for o in outputs],
+                                              overlong)
     groups: list[list[Sample]] = []
     for i, p in enumerate(prompts):
         group = []
@@ -77,13 +78,15 @@ def generate_groups(client, prompts: list[dict], n: int, params: dict, reward_fn
                                 response_text=o["text"], answer=p["answer"], reward=float(rewards[k]),
                                 rollout_logprobs=lps, finish_reason=(meta.get("finish_reason") or {}).get("type", ""),
                                 group=p.get("index", i),
-                                metrics={m: v[k] for m, v in scored.metrics.items()}))
+                                metrics={m: v[k] for m, v in reward_metrics.items()}))
         groups.append(group)
     return groups, rewards
 
 
 def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> tuple[list[list[Sample]], dict]:
-    """Generate until `prompts_per_step` informative groups (dynamic sampling) and set advantages.
+    """Generate and score until `prompts_per_step` informative groups (dynamic sampling).
+
+    The samples' `advantage` is left at 0: the caller sets it on the kept groups.
 
     `progress(kept_groups, target_groups)` is called after each generation round.
     """
@@ -116,12 +119,6 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
         generated = len(groups)
         all_rewards.append(rewards)
         all_lengths += [len(s.response_ids) for g in groups for s in g]
-    if groups:
-        kept_rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float64)
-        adv = group_advantages(kept_rewards.reshape(-1), n).reshape(len(groups), n)
-        for g, row in zip(groups, adv.tolist()):
-            for s, a in zip(g, row):
-                s.advantage = a
     rewards_all = torch.cat(all_rewards) if all_rewards else torch.zeros(0)
     metrics = {
         "rollout/reward_mean": float(rewards_all.mean()) if rewards_all.numel() else float("nan"),

@@ -87,6 +87,7 @@ def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
+    from erc_megatron.algo import set_group_advantages
     from erc_megatron.comm import comm_phase, start_comm_profiler
     from erc_megatron.data.prompts import PromptIterator, load_prompt_dataset
     from erc_megatron.dist import init_distributed
@@ -219,6 +220,7 @@ def train(cfg) -> dict:
                         "rollout", f"rollout step {step + 1}/{cfg.trainer.steps}",
                         lambda p: collect_step(client, iterator, cfg, reward_fn, step, progress=p.update),
                         total=cfg.trainer.prompts_per_step, unit="groups")
+                    set_group_advantages(groups)
                 return groups, {**out, **rollout_metrics}
 
             with comm_phase("rollout_broadcast"):

@@ -90,3 +90,27 @@ def test_overlong_penalty_three_cases():
         overlong_penalty(lengths, 10, 11)
     with pytest.raises(ValueError, match="integers"):
         overlong_penalty(lengths, 10.5, 2)
+
+
+def test_set_group_advantages_writes_each_response_its_group_value():
+    from dataclasses import dataclass
+
+    from erc_megatron.algo import set_group_advantages
+
+    @dataclass
+    class Resp:
+        reward: float
+        advantage: float = 0.0
+
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=(3, 4))
+    r[1] = 2.0  # an all-equal group gets 0
+    groups = [[Resp(float(x)) for x in row] for row in r]
+    out = set_group_advantages(groups)
+    ref = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose([[x.advantage for x in g] for g in groups], ref, rtol=1e-12, atol=1e-15)
+    assert all(x.advantage == 0.0 for x in groups[1])
+    assert set_group_advantages([]).numel() == 0
+    with pytest.raises(ValueError, match="must all have 4 responses"):
+        set_group_advantages([groups[0], groups[1][:3]])
