@@ -1,5 +1,6 @@
 """Distributed start-up: read the launcher's environment, create the default group and megatron's
-parallel_state, refusing a layout that does not fit before any model is built.
+parallel_state, refusing a layout that does not fit before any model is built, and return the
+`ParallelLayout` (erc_megatron.dist.parallel_layout) that the rest of the code takes its groups from.
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), srun (SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NODELIST; MASTER_ADDR defaults to the first host of the
@@ -17,9 +18,13 @@ import torch
 import torch.distributed as dist
 
 from erc_megatron.dist.nodelist import expand_slurm_nodelist
+from erc_megatron.dist.parallel_layout import ParallelLayout, layout_from_parallel_state
 from erc_megatron.model.config import ConfigError, ModelConfig, ParallelConfig, layout_errors
 
 log = logging.getLogger(__name__)
+
+# what init_distributed made, for callers that are not handed a layout (see current_layout)
+_LAYOUT: ParallelLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +76,13 @@ def check_layout(world_size: int, parallel: ParallelConfig, model: ModelConfig |
 
 
 def init_distributed(parallel: ParallelConfig, model: ModelConfig | None = None,
-                     backend: str | None = None, environ: dict[str, str] | None = None) -> LaunchEnv:
+                     backend: str | None = None, environ: dict[str, str] | None = None) -> ParallelLayout:
     """Create the default process group (if needed) and megatron's parallel_state; seed RNGs.
 
     nccl on GPUs, gloo on CPU (where megatron-core's CPU fixes in erc_megatron.patches are applied).
+    Returns this rank's layout (its `launch` is how the launcher started it).
     """
+    global _LAYOUT
     from megatron.core import parallel_state, tensor_parallel
 
     from erc_megatron.patches.megatron_cpu import apply_cpu_patches
@@ -105,17 +112,25 @@ def init_distributed(parallel: ParallelConfig, model: ModelConfig | None = None,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
+    _LAYOUT = layout_from_parallel_state(env)
     torch.manual_seed(parallel.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(parallel.seed)
-    log.info("rank %d/%d (%s): tp=%d pp=%d cp=%d dp=%d", env.rank, env.world_size, env.launcher,
-             parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-             parallel.context_parallel_size, parallel_state.get_data_parallel_world_size())
-    return env
+    log.info("rank %d/%d (%s): %s", env.rank, env.world_size, env.launcher, _LAYOUT.describe())
+    return _LAYOUT
+
+
+def current_layout() -> ParallelLayout:
+    """The layout init_distributed returned on this process (for callers not handed one)."""
+    if _LAYOUT is None:
+        raise RuntimeError("no parallel layout: call erc_megatron.dist.init_distributed first")
+    return _LAYOUT
 
 
 def shutdown_distributed() -> None:
     from megatron.core import parallel_state
 
+    global _LAYOUT
+    _LAYOUT = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -70,20 +70,21 @@ def layer_spec(model: ModelConfig):
 
 
 def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bool | None = None,
-                    post_process: bool | None = None):
-    """This rank's GPTModel shard; parallel_state must be initialised (see erc_megatron.dist)."""
-    from megatron.core import parallel_state
+                    post_process: bool | None = None, *, layout=None):
+    """This rank's GPTModel shard at `layout` (erc_megatron.dist.ParallelLayout; None: the one
+    erc_megatron.dist.init_distributed made)."""
     from megatron.core.models.gpt import GPTModel
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    from erc_megatron.dist import current_layout
+
+    layout = layout or current_layout()
+    tp = layout.tp.size
     if transformer_config is None:
-        transformer_config = build_transformer_config(
-            model, tp, parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_context_parallel_world_size())
+        transformer_config = build_transformer_config(model, tp, layout.pp.size, layout.cp.size)
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = layout.is_first_stage
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = layout.is_last_stage
     gpt = GPTModel(
         config=transformer_config,
         transformer_layer_spec=layer_spec(model),

@@ -70,10 +70,10 @@ class Learner:
         return self.model.module
 
 
-def build_learner(model_config: ModelConfig, optim: OptimConfig) -> Learner:
+def build_learner(model_config: ModelConfig, optim: OptimConfig, layout=None) -> Learner:
     """Model shard + megatron DDP + megatron optimizer (torch AdamW without TE/apex) + LR schedule.
 
-    parallel_state must be initialised (erc_megatron.dist.init_distributed).
+    `layout`: erc_megatron.dist.ParallelLayout (None: the one erc_megatron.dist.init_distributed made).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -81,7 +81,7 @@ def build_learner(model_config: ModelConfig, optim: OptimConfig) -> Learner:
 
     from erc_megatron.model.gpt import build_gpt_model, torch_dtype
 
-    gpt = build_gpt_model(model_config)
+    gpt = build_gpt_model(model_config, layout=layout)
     tcfg = gpt.config
     ddp = DistributedDataParallel(
         config=tcfg,

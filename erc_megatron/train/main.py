@@ -45,7 +45,7 @@ def train(cfg) -> dict:
     run, state = start_run(cfg)
     try:
         start_rollout(run, state)
-        launch = run.launch
+        launch = run.layout.launch
         say(f"training steps {state.step + 1}..{cfg.trainer.steps} ({launch.world_size} ranks started by "
             f"{launch.launcher}, rendezvous {launch.master_addr}:{launch.master_port})")
         for step in range(state.step, cfg.trainer.steps):

@@ -36,7 +36,7 @@ class Run:
 
     cfg: Any  # erc_megatron.train.config.RunConfig
     model_cfg: Any  # erc_megatron.model.config.ModelConfig
-    launch: Any  # erc_megatron.dist.LaunchEnv
+    layout: Any  # erc_megatron.dist.ParallelLayout: this rank's process groups (layout.launch: the launcher's view)
     learner: Any  # erc_megatron.train.learner.Learner
     tokenizer: Any
     pad_id: int
@@ -82,21 +82,18 @@ def start_run(cfg) -> tuple[Run, LoopState]:
     model_cfg = ModelConfig.from_hf_config(hf_config,
                                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                                            params_dtype=cfg.model.params_dtype)
-    launch = init_distributed(cfg.parallel, model_cfg)
-    from megatron.core import parallel_state as ps
-
+    layout = init_distributed(cfg.parallel, model_cfg)
     console.say(console.environment_line(
         backend=dist.get_backend(), device="GPU" if torch.cuda.is_available() else "CPU",
-        world_size=dist.get_world_size(), launcher=launch.launcher, tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
-        cp=ps.get_context_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
+        world_size=layout.world_size, launcher=layout.launch.launcher, tp=layout.tp.size, pp=layout.pp.size,
+        dp=layout.dp.size, cp=layout.cp.size, ep=layout.ep.size,
         versions=console.runtime_versions(), absent=console.absent_parts()))
     with console.Progress(f"building the model ({model_cfg.num_layers} layers)"):
-        learner = build_learner(model_cfg, cfg.optim)
+        learner = build_learner(model_cfg, cfg.optim, layout)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    run = Run(cfg=cfg, model_cfg=model_cfg, launch=launch, learner=learner, tokenizer=tokenizer, pad_id=pad_id,
-              rank=dist.get_rank())
+    run = Run(cfg=cfg, model_cfg=model_cfg, layout=layout, learner=learner, tokenizer=tokenizer, pad_id=pad_id,
+              rank=layout.rank)
 
     ckpt = latest_checkpoint(cfg.trainer.run_dir) if cfg.trainer.resume else None
     if ckpt is not None:
@@ -107,7 +104,7 @@ def start_run(cfg) -> tuple[Run, LoopState]:
     else:
         state = LoopState(step=0, weight_version=0)
         with console.Progress(f"loading {cfg.model.path}"):
-            load_hf_checkpoint(learner.unwrapped, cfg.model.path, model_cfg)
+            load_hf_checkpoint(learner.unwrapped, cfg.model.path, model_cfg, layout=layout)
         # bf16/fp16: the optimizer keeps fp32 master copies made before the load
         learner.optimizer.reload_model_params()
     state.run_start_step = state.step

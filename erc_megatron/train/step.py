@@ -37,19 +37,22 @@ class LogitsConfig:
             raise ConfigError(f"logits.chunk_size must be >= 1 or null, got {self.chunk_size}")
 
 
-def _tp_group():
-    from megatron.core import parallel_state
+def _layout(layout):
+    """`layout`, or the one erc_megatron.dist.init_distributed made when the caller passes None."""
+    from erc_megatron.dist import current_layout
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_tensor_model_parallel_group()
+    return layout or current_layout()
 
 
-def prepare_output(model, cfg: LogitsConfig) -> None:
+def _tp_group(layout):
+    # the ops' spelling: None = the vocabulary is not split (no collective)
+    layout = _layout(layout)
+    return layout.tp.group if layout.tp.size > 1 else None
+
+
+def prepare_output(model, cfg: LogitsConfig, layout=None) -> None:
     """With fused_output_layer, the last stage's model returns hidden states instead of logits."""
-    from megatron.core import parallel_state
-
-    if cfg.fused_output_layer and parallel_state.is_pipeline_last_stage():
+    if cfg.fused_output_layer and _layout(layout).is_last_stage:
         from erc_megatron.patches.megatron_fused_output import install_fused_output
         from erc_megatron.weights.rank_params import unwrap_model
 
@@ -57,7 +60,7 @@ def prepare_output(model, cfg: LogitsConfig) -> None:
 
 
 def token_logprob_entropy(output: torch.Tensor, labels: torch.Tensor, vocab_size: int, cfg: LogitsConfig,
-                          entropy_grad: bool = False, model=None):
+                          entropy_grad: bool = False, model=None, layout=None):
     """Per-token log-prob and entropy from the last stage's output: vocab-parallel logits, or, with
     fused_output_layer, hidden states multiplied chunk by chunk with the output weight shard."""
     if cfg.fused_output_layer:
@@ -65,12 +68,12 @@ def token_logprob_entropy(output: torch.Tensor, labels: torch.Tensor, vocab_size
         from erc_megatron.patches.megatron_fused_output import output_weight
         from erc_megatron.weights.rank_params import unwrap_model
 
-        return fused_linear_logprob_entropy(output, output_weight(unwrap_model(model)), labels, tp_group=_tp_group(),
+        return fused_linear_logprob_entropy(output, output_weight(unwrap_model(model)), labels, tp_group=_tp_group(layout),
                                             temperature=cfg.temperature, chunk_size=cfg.chunk_size or 1024,
                                             entropy_grad=entropy_grad, vocab_size=vocab_size)
     from erc_megatron.ops import vocab_parallel_logprob_entropy
 
-    return vocab_parallel_logprob_entropy(output, labels, tp_group=_tp_group(), temperature=cfg.temperature,
+    return vocab_parallel_logprob_entropy(output, labels, tp_group=_tp_group(layout), temperature=cfg.temperature,
                                           chunk_size=cfg.chunk_size, entropy_grad=entropy_grad,
                                           vocab_size=vocab_size)
 
@@ -79,8 +82,8 @@ def _model_forward(mb: MicroBatch, model):
     return model(mb.tokens, mb.position_ids, attention_mask=None)
 
 
-def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, model, logits: torch.Tensor):
-    logp, entropy = token_logprob_entropy(logits, mb.labels, vocab_size, cfg, model=model)
+def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, model, layout, logits: torch.Tensor):
+    logp, entropy = token_logprob_entropy(logits, mb.labels, vocab_size, cfg, model=model, layout=layout)
     return logits.new_zeros(()), {"logp": logp.detach() * mb.loss_mask, "entropy": entropy.detach() * mb.loss_mask}
 
 
@@ -100,25 +103,27 @@ def run_schedule(model, micro_batches: list[MicroBatch], forward_step: Callable,
 
 
 @torch.no_grad()
-def old_policy_pass(model, micro_batches: list[MicroBatch], vocab_size: int, cfg: LogitsConfig) -> list[MicroBatch]:
+def old_policy_pass(model, micro_batches: list[MicroBatch], vocab_size: int, cfg: LogitsConfig,
+                    layout=None) -> list[MicroBatch]:
     """Forward-only pass giving old_logp and old_entropy per response token (0 elsewhere).
 
     Returns the micro-batches with those fields filled on the last pipeline stage; other stages
-    get them back unchanged (the loss, which needs them, runs on the last stage only).
+    get them back unchanged (the loss, which needs them, runs on the last stage only). `layout`:
+    erc_megatron.dist.ParallelLayout (None: the one init_distributed made).
     """
-    from megatron.core import parallel_state
+    layout = _layout(layout)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        return _model_forward(mb, model), partial(_forward_only_loss, mb, vocab_size, cfg, model)
+        return _model_forward(mb, model), partial(_forward_only_loss, mb, vocab_size, cfg, model, layout)
 
-    prepare_output(model, cfg)
+    prepare_output(model, cfg, layout)
     model.eval()
     try:
         outputs = run_schedule(model, micro_batches, forward_step, forward_only=True)
     finally:
         model.train()
-    if not parallel_state.is_pipeline_last_stage():
+    if not layout.is_last_stage:
         return micro_batches
     return [mb.with_(old_logp=o["logp"], old_entropy=o["entropy"]) for mb, o in zip(micro_batches, outputs)]
 
@@ -127,15 +132,13 @@ LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict]"]
 
 
 
-def forward_backward(model, micro_batches: list[MicroBatch], loss_fn: LossFn) -> list:
+def forward_backward(model, micro_batches: list[MicroBatch], loss_fn: LossFn, layout=None) -> list:
     """Run forward+backward over all micro-batches; returns the last stage's per-micro-batch dicts.
 
     `loss_fn(logits, mb)` must return (loss already divided by the GLOBAL denominator, metrics).
     """
-    from megatron.core import parallel_state
-
     n = len(micro_batches)
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = _layout(layout).dp.size
 
     def _loss(mb, logits):
         loss, metrics = loss_fn(logits, mb)

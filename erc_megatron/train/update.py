@@ -52,10 +52,8 @@ _NONFINITE_CHECKS = {"nonfinite_loss": ("loss", "pg_loss_sum", "pos_nll_sum"),
                      "nonfinite_entropy": ("entropy_sum", "old_entropy_sum")}
 
 
-def _loss_holder() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+def _loss_holder(layout) -> bool:
+    return layout.is_last_stage and layout.tp.rank == 0
 
 
 def _identity_metrics(loss_cfg: PolicyLossConfig, with_nll: bool) -> list[dict]:
@@ -69,16 +67,21 @@ def _identity_metrics(loss_cfg: PolicyLossConfig, with_nll: bool) -> list[dict]:
 
 
 def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denominators, loss_cfg: PolicyLossConfig,
-                  logits_cfg: LogitsConfig, nll_coef: float = 0.0, extra_metrics: dict[str, float] | None = None
-                  ) -> dict[str, float]:
+                  logits_cfg: LogitsConfig, nll_coef: float = 0.0, extra_metrics: dict[str, float] | None = None,
+                  layout=None) -> dict[str, float]:
     """Forward+backward over this rank's micro-batches, one optimizer step (skipped if any rank saw a
-    non-finite loss or entropy), and the step's global statistics (identical on every rank)."""
+    non-finite loss or entropy), and the step's global statistics (identical on every rank).
+    `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made)."""
+    from erc_megatron.dist import current_layout
+
+    layout = layout or current_layout()
     vocab = learner.model_config.vocab_size
     with_nll = nll_coef > 0
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         logp, entropy = token_logprob_entropy(logits, mb.labels, vocab, logits_cfg,
-                                              entropy_grad=loss_cfg.entropy_coef > 0, model=learner.model)
+                                              entropy_grad=loss_cfg.entropy_coef > 0, model=learner.model,
+                                              layout=layout)
         loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, entropy=entropy,
                                     old_entropy=mb.old_entropy, config=loss_cfg, rollout_log_prob=mb.rollout_logp,
                                     global_denominator=denominators.policy)
@@ -90,14 +93,14 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
             out.append(nll_metrics)
         return loss, {"metrics": out}
 
-    prepare_output(learner.model, logits_cfg)
+    prepare_output(learner.model, logits_cfg, layout)
     zero_grads(learner)
     shape = list(micro_batches[0].tokens.shape) if micro_batches else None
     with comm_phase("forward_backward", micro_batches=len(micro_batches), micro_batch_shape=shape):
-        outputs = forward_backward(learner.model, micro_batches, loss_fn)
+        outputs = forward_backward(learner.model, micro_batches, loss_fn, layout)
 
     stats = StepStats()
-    holder = _loss_holder()
+    holder = _loss_holder(layout)
     per_mb = [o["metrics"] for o in outputs] if holder else []
     for metric_list in per_mb or [_identity_metrics(loss_cfg, with_nll)]:
         for m in metric_list:

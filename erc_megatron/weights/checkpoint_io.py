@@ -98,10 +98,12 @@ class HFCheckpointReader:
 
 
 @torch.no_grad()
-def load_hf_checkpoint(model, hf_dir: str, model_cfg: ModelConfig, *, tp_group=None, pp_group=None) -> None:
-    """Fill this rank's GPTModel shard from a HF safetensors checkpoint (single file or sharded)."""
+def load_hf_checkpoint(model, hf_dir: str, model_cfg: ModelConfig, *, layout=None) -> None:
+    """Fill this rank's GPTModel shard from a HF safetensors checkpoint (single file or sharded).
+
+    `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made)."""
     check_hf_compatible(model_cfg)
-    g = rank_groups(tp_group, pp_group, dp_group=None)
+    g = rank_groups(layout)
     units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size)
     with HFCheckpointReader(hf_dir) as reader:
         names = reader.names()
@@ -178,26 +180,26 @@ def _check_same_model(hf_config, cfg: ModelConfig) -> None:
 
 def save_hf_checkpoint(model, model_cfg: ModelConfig, out_dir: str, tokenizer_dir: str | None = None, *,
                        hf_config=None, max_shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None,
-                       tp_group=None, pp_group=None, dp_group=None) -> None:
+                       layout=None) -> None:
     """Write a HF checkpoint of the model to out_dir (collective; the first stage's leader, global rank 0, writes).
 
     hf_config: the original transformers config to write (checked against model_cfg); default one
     built from model_cfg. tokenizer_dir: copy tokenizer / generation config files from there.
+    layout: erc_megatron.dist.ParallelLayout (None: the one init_distributed made).
     """
     from safetensors.torch import save_file
 
     if hf_config is not None:
         _check_same_model(hf_config, model_cfg)
-    plan = plan_hf_buckets(model_cfg, rank_groups(tp_group, pp_group, dp_group).pp_size, max_shard_bytes, dtype)
+    plan = plan_hf_buckets(model_cfg, rank_groups(layout).pp_size, max_shard_bytes, dtype)
     total = sum(len(stage) for stage in plan)
-    writer = is_bucket_receiver("rank0", tp_group, pp_group, dp_group)
+    writer = is_bucket_receiver("rank0", layout)
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_bytes = 0
     for i, bucket in enumerate(iter_hf_weights(model, model_cfg, max_shard_bytes, dtype=dtype,
-                                               destination="rank0", tp_group=tp_group, pp_group=pp_group,
-                                               dp_group=dp_group)):
+                                               destination="rank0", layout=layout)):
         filename = SINGLE_FILE if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
         # clones: safetensors refuses tensors that share storage (views of one received buffer)
         tensors = {name: t.detach().to("cpu", copy=True) for name, t in bucket}

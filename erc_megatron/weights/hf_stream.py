@@ -93,20 +93,21 @@ def plan_hf_buckets(cfg: ModelConfig, pp_size: int, bucket_bytes: int,
     return [pack_buckets(stage_hf_tensors(cfg, s, pp_size), bucket_bytes, element_size) for s in range(pp_size)]
 
 
-def is_bucket_receiver(destination: str = "stage", tp_group=None, pp_group=None, dp_group=None) -> bool:
+def is_bucket_receiver(destination: str = "stage", layout=None) -> bool:
     """Whether `iter_hf_weights` yields buckets on this rank."""
     _check_destination(destination)
-    g = rank_groups(tp_group, pp_group, dp_group)
+    g = rank_groups(layout)
     return g.dp_rank == 0 and g.tp_rank == 0 and (destination == "stage" or g.pp_rank == 0)
 
 
 def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: torch.dtype | None = None,
-                    destination: str = "stage", tp_group=None, pp_group=None,
-                    dp_group=None) -> Iterator[Bucket]:
-    """Yield HF (name, tensor) buckets on the receiving ranks (see module docstring); run on all ranks."""
+                    destination: str = "stage", layout=None) -> Iterator[Bucket]:
+    """Yield HF (name, tensor) buckets on the receiving ranks (see module docstring); run on all ranks.
+
+    `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made)."""
     _check_destination(destination)
     check_hf_compatible(model_cfg)
-    g = rank_groups(tp_group, pp_group, dp_group)
+    g = rank_groups(layout)
     if g.dp_rank != 0:
         return
     out_dtype = dtype or torch_dtype(model_cfg.params_dtype)

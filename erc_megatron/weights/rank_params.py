@@ -19,8 +19,8 @@ class RankGroups:
     """Tensor-parallel group (the ranks holding shards of the same parameters)."""
     pp_group: object
     """Pipeline group (same TP / DP position, one rank per stage)."""
-    dp_group: object | None
-    """Data-parallel group including context parallelism (replicas of the same weights); None: no replicas."""
+    dp_group: object
+    """Data-parallel group including context parallelism (replicas of the same weights)."""
     tp_rank: int
     """Rank in tp_group."""
     tp_size: int
@@ -30,24 +30,16 @@ class RankGroups:
     pp_size: int
     """Size of pp_group."""
     dp_rank: int
-    """Rank in dp_group (0 when there is none)."""
+    """Rank in dp_group."""
 
 
-def rank_groups(tp_group=None, pp_group=None, dp_group=None) -> RankGroups:
-    """Explicit groups where given, megatron's parallel_state for the rest (no DP replicas without it)."""
-    from megatron.core import parallel_state as ps
+def rank_groups(layout=None) -> RankGroups:
+    """The groups of `layout` (erc_megatron.dist.ParallelLayout; None: the one init_distributed made)."""
+    from erc_megatron.dist import current_layout
 
-    if ps.model_parallel_is_initialized():
-        tp_group = ps.get_tensor_model_parallel_group() if tp_group is None else tp_group
-        pp_group = ps.get_pipeline_model_parallel_group() if pp_group is None else pp_group
-        dp_group = ps.get_data_parallel_group(with_context_parallel=True) if dp_group is None else dp_group
-    elif tp_group is None or pp_group is None:
-        raise RuntimeError("megatron parallel_state is not initialised: call erc_megatron.dist.init_distributed "
-                           "or pass tp_group and pp_group")
-    return RankGroups(tp_group, pp_group, dp_group,
-                      dist.get_rank(tp_group), dist.get_world_size(tp_group),
-                      dist.get_rank(pp_group), dist.get_world_size(pp_group),
-                      0 if dp_group is None else dist.get_rank(dp_group))
+    layout = layout or current_layout()
+    return RankGroups(layout.tp.group, layout.pp.group, layout.dp_cp.group, layout.tp.rank, layout.tp.size,
+                      layout.pp.rank, layout.pp.size, layout.dp_cp.rank)
 
 
 def unwrap_model(model) -> torch.nn.Module:

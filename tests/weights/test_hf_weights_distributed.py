@@ -123,6 +123,43 @@ def _check_buckets(buckets, limit, element_size, original, dtype, what):
     return names
 
 
+def _check_layout(layout, tp, pp, world_size, rank):
+    """init_distributed's layout: the groups megatron's parallel_state made, with the ranks megatron's
+    "tp-cp-ep-dp-pp" order gives (rank = tp_rank + tp * (dp_rank + dp * pp_rank), computed here)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ranks = dist.get_process_group_ranks
+    dp = world_size // (tp * pp)
+    tp_r, dp_r, pp_r = rank % tp, rank // tp % dp, rank // (tp * dp)
+    at = lambda t, d, p: t + tp * (d + dp * p)  # noqa: E731
+    want = {"tp": [at(t, dp_r, pp_r) for t in range(tp)], "pp": [at(tp_r, dp_r, p) for p in range(pp)],
+            "dp": [at(tp_r, d, pp_r) for d in range(dp)], "cp": [rank], "ep": [rank],
+            "mp": sorted(at(t, dp_r, p) for t in range(tp) for p in range(pp))}
+    want["dp_cp"] = want["dp"]
+    megatron = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+                "dp": ps.get_data_parallel_group(), "cp": ps.get_context_parallel_group(),
+                "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
+                "ep": ps.get_expert_model_parallel_group(), "mp": ps.get_model_parallel_group()}
+    for dim, group in megatron.items():
+        place = getattr(layout, dim)
+        assert place.group is group, (dim, tp, pp)
+        assert place.ranks == ranks(group) == want[dim], (dim, tp, pp, place.ranks, want[dim])
+        assert (place.size, place.rank) == (len(want[dim]), want[dim].index(rank)), (dim, tp, pp)
+    assert (layout.tp.rank, layout.pp.rank, layout.dp.rank) == (ps.get_tensor_model_parallel_rank(),
+                                                                 ps.get_pipeline_model_parallel_rank(),
+                                                                 ps.get_data_parallel_rank()) == (tp_r, pp_r, dp_r)
+    assert layout.is_first_stage == ps.is_pipeline_first_stage() == (pp_r == 0)
+    assert layout.is_last_stage == ps.is_pipeline_last_stage() == (pp_r == pp - 1)
+    # the embedding group: first and last stage of this pipeline; the stages between hold none
+    if pp_r in (0, pp - 1):
+        assert layout.embedding is not None and layout.embedding.group is ps.get_embedding_group()
+        assert layout.embedding.ranks == sorted({at(tp_r, dp_r, 0), at(tp_r, dp_r, pp - 1)})
+    else:
+        assert layout.embedding is None
+    assert (layout.rank, layout.world_size) == (rank, world_size)
+
+
 def _worker(rank, world_size, variants, out_root):
     import torch.distributed as dist
     from safetensors.torch import load_file
@@ -143,10 +180,12 @@ def _worker(rank, world_size, variants, out_root):
         for tp, pp in v["layouts"]:
             tag = f"{v['name']} TP{tp}xPP{pp}"
             cfg = hf_config_to_model_config(v["path"])
-            init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), cfg)
-            g = rank_groups()
-            model = build_gpt_model(cfg)
-            load_hf_checkpoint(model, v["path"], cfg)
+            layout = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                                      cfg)
+            _check_layout(layout, tp, pp, world_size, rank)
+            g = rank_groups(layout)
+            model = build_gpt_model(cfg, layout=layout)
+            load_hf_checkpoint(model, v["path"], cfg, layout=layout)
 
             # 1. this rank's shard, named as megatron names it, equals the pure layout's cut
             expected = shard_for_rank(hf_to_megatron(original, cfg, tp), cfg, g.tp_rank, tp, g.pp_rank, pp)

@@ -12,16 +12,13 @@ from erc_megatron.train.step import old_policy_pass
 
 def old_policy(run: Run, groups: list[list[Sample]], metrics: dict[str, float]) -> list[MiniBatch]:
     """Mini-batches of `trainer.prompts_per_minibatch` groups; each rank's `mine` get old_logp / old_entropy."""
-    from megatron.core import parallel_state as ps
-
-    cfg = run.cfg
+    cfg, layout = run.cfg, run.layout
     t0 = time.perf_counter()
-    minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, ps.get_data_parallel_rank(),
-                                    ps.get_data_parallel_world_size(), cfg.trainer.micro_batch_size, run.pad_id,
-                                    step_seq_length(groups))
+    minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, layout.dp.rank, layout.dp.size,
+                                    cfg.trainer.micro_batch_size, run.pad_id, step_seq_length(groups))
     flat = [mb for m in minibatches for mb in m.mine]
     with comm_phase("old_policy", micro_batches=len(flat), micro_batch_shape=list(flat[0].tokens.shape)):
-        with_old = old_policy_pass(run.learner.model, flat, run.model_cfg.vocab_size, cfg.logits)
+        with_old = old_policy_pass(run.learner.model, flat, run.model_cfg.vocab_size, cfg.logits, layout)
     i = 0
     for m in minibatches:
         m.mine = with_old[i:i + len(m.mine)]

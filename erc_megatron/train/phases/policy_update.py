@@ -31,6 +31,7 @@ def policy_update(run: Run, minibatches: list[MiniBatch], metrics: dict[str, flo
     updates = []
     for m in minibatches:
         den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
-        updates.append(update_policy(run.learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef))
+        updates.append(update_policy(run.learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef,
+                                     layout=run.layout))
     metrics.update(mean_metrics(updates))
     metrics["time/update"] = time.perf_counter() - t0
