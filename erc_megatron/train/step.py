@@ -69,8 +69,9 @@ def token_logprob_entropy(output: torch.Tensor, labels: torch.Tensor, vocab_size
         from erc_megatron.weights.rank_params import unwrap_model
 
         return fused_linear_logprob_entropy(output, output_weight(unwrap_model(model)), labels,
-                                            tp_group=_tp_group(layout), temperature=cfg.temperature, chunk_size=cfg.chunk_size or 1024,
-                                            entropy_grad=entropy_grad, vocab_size=vocab_size)
+                                            tp_group=_tp_group(layout), temperature=cfg.temperature,
+                                            chunk_size=cfg.chunk_size or 1024, entropy_grad=entropy_grad,
+                                            vocab_size=vocab_size)
     from erc_megatron.ops import vocab_parallel_logprob_entropy
 
     return vocab_parallel_logprob_entropy(output, labels, tp_group=_tp_group(layout), temperature=cfg.temperature,
