@@ -11,7 +11,7 @@ import torch
 
 from erc_megatron.rollout_server.server import start_server_in_thread
 
-from .tiny_model import EOS, EOS_PROBE_PROMPT, build_tiny_model, float64_copy, greedy_hf, reference_logits
+from tests.rollout.tiny_model import EOS, EOS_PROBE_PROMPT, build_tiny_model, float64_copy, greedy_hf, reference_logits
 
 PROMPTS = [[4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
 

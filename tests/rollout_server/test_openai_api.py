@@ -7,7 +7,7 @@ import requests
 
 from erc_megatron.rollout_server.server import start_server_in_thread
 
-from .tiny_model import build_tiny_model
+from tests.rollout.tiny_model import build_tiny_model
 
 openai = pytest.importorskip("openai", reason="pip install openai (in the dev extra)")
 
