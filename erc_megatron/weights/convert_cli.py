@@ -61,15 +61,16 @@ def run(args: argparse.Namespace) -> int:
     hf_config = AutoConfig.from_pretrained(args.hf_dir)
     cfg = hf_config_to_model_config(hf_config, params_dtype=args.params_dtype)
     owns_group = not dist.is_initialized()
-    init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp), cfg)
+    layout = init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+                              cfg)
     try:
         with Progress(f"building the model ({cfg.num_layers} layers)"):
-            model = build_gpt_model(cfg)
+            model = build_gpt_model(cfg, layout=layout)
         with Progress(f"loading {args.hf_dir}"):
-            load_hf_checkpoint(model, args.hf_dir, cfg)
+            load_hf_checkpoint(model, args.hf_dir, cfg, layout=layout)
         with Progress(f"writing {args.out}"):
             save_hf_checkpoint(model, cfg, args.out, tokenizer_dir=args.hf_dir, hf_config=hf_config,
-                               max_shard_bytes=args.max_shard_bytes)
+                               max_shard_bytes=args.max_shard_bytes, layout=layout)
         status = 0
         say(f"exported {args.hf_dir} at TP{args.tp} x PP{args.pp} to {args.out}")
         if dist.get_rank() == 0:
