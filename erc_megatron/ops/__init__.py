@@ -7,7 +7,8 @@ Contract (both functions):
 - Vocabulary layout as megatron's VocabParallel layers: with `tp` ranks in `tp_group`, group rank r
   holds global ids [r * V/tp, (r + 1) * V/tp). Every rank passes the same rows and the same shard
   size (unequal shards are the caller's error and are not detected). `tp_group=None` means no
-  tensor parallelism and no communication (it does NOT mean the default group).
+  tensor parallelism and no communication (it does NOT mean the default group; code that holds an
+  erc_megatron.dist.ParallelLayout passes `layout.tp.group if layout.tp.size > 1 else None`).
 - `target` holds global token ids in [0, vocab_size), integer dtype, shaped like the rows.
 - `vocab_size` is the real vocabulary; ids >= vocab_size (megatron's padding) take no part in the
   max, the sums or the gradient (their gradient is exactly 0). None = no padding.

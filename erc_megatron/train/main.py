@@ -17,8 +17,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("erc_megatron.train")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from erc_megatron.train.config import RunConfig
