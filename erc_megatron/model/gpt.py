@@ -20,11 +20,17 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int = 1,
-                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1):
+                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                             sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch_dtype(model.params_dtype)
     on_gpu = torch.cuda.is_available()
+    if sequence_parallel and not have_transformer_engine():
+        # the local spec's torch norms refuse sequence parallelism; Transformer Engine's do not
+        from erc_megatron.patches.megatron_torch_norm_sp import apply_torch_norm_sequence_parallel
+
+        apply_torch_norm_sequence_parallel()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -35,6 +41,10 @@ def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
@@ -70,7 +80,7 @@ def layer_spec(model: ModelConfig):
 
 
 def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bool | None = None,
-                    post_process: bool | None = None):
+                    post_process: bool | None = None, sequence_parallel: bool = False):
     """This rank's GPTModel shard; parallel_state must be initialised (see erc_megatron.dist)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -79,7 +89,7 @@ def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bo
     if transformer_config is None:
         transformer_config = build_transformer_config(
             model, tp, parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_context_parallel_world_size())
+            parallel_state.get_context_parallel_world_size(), sequence_parallel=sequence_parallel)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

@@ -105,7 +105,10 @@ def train(cfg) -> dict:
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config,
                                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                           params_dtype=cfg.model.params_dtype)
+                                           params_dtype=cfg.model.params_dtype,
+                                           recompute_granularity=cfg.model.recompute_granularity,
+                                           recompute_method=cfg.model.recompute_method,
+                                           recompute_num_layers=cfg.model.recompute_num_layers)
     launch = init_distributed(cfg.parallel, model_cfg)
     from megatron.core import parallel_state as ps
 
@@ -119,7 +122,7 @@ def train(cfg) -> dict:
         cp=ps.get_context_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
         versions=console.runtime_versions(), absent=console.absent_parts()))
     with console.Progress(f"building the model ({model_cfg.num_layers} layers)"):
-        learner = build_learner(model_cfg, cfg.optim)
+        learner = build_learner(model_cfg, cfg.optim, cfg.parallel)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     run_dir = cfg.trainer.run_dir
