@@ -15,9 +15,9 @@ With the distributed optimizer (ZeRO-1) each rank's file holds its slices of the
 and Adam moments, and the layout-free folders hold them whole (assembled over data parallel), so a
 checkpoint saved with it resumes without it and the other way round.
 
-Resuming with the same layout (TP, PP, world size, distributed optimizer or not) loads every rank's own
-file: bit-exact. With a different layout, the weights and Adam moments are resharded from those folders (full tensors cut
-anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
+Resuming with the same layout (TP, PP, world size, distributed optimizer or not) loads every rank's
+own file: bit-exact. With a different layout, the weights and Adam moments are resharded from those
+folders (full tensors cut anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
 trainer.json; the RNG states start fresh (they are per rank; a warning says so). bf16/fp16 runs
 also write their fp32 master weights (`main_params/`), so nothing is rounded on the way. Nothing is
 unpickled: per-rank files load with `weights_only=True`.
