@@ -17,9 +17,9 @@ Fixes (numbers follow shared/spec/megatron_cpu.md):
  5. DDP / optimizer: `torch.cuda.current_stream()` in grad sync (0.19.x), the CUDA flag of
     `MegatronOptimizer.has_grad_norm_group` (0.19.x), CUDA-only buffers and asserts in gradient
     clipping (a CPU path, so `clip_grad` works on CPU).
- 6. DistributedOptimizer (`parallel.use_distributed_optimizer`): it tells fp32 from bf16/fp16
-    parameters by their CUDA type names (`param.type() == 'torch.cuda.FloatTensor'`), so a CPU
-    parameter is refused; its `load_state_dict` allocates on the current CUDA device. Checked against
+ 6. DistributedOptimizer (`parallel.use_distributed_optimizer`), and Float16OptimizerWithFloat16Params
+    (bf16/fp16 without it): they tell fp32 from bf16/fp16 parameters by their CUDA type names
+    (`param.type() == 'torch.cuda.FloatTensor'`), so a CPU parameter is refused; its `load_state_dict` allocates on the current CUDA device. Checked against
     0.16.1 (run) and 0.19.2 (source). Its collectives (`reduce_scatter_tensor`,
     `all_gather_into_tensor`, inside `_coalescing_manager`) run natively on gloo in torch 2.13.0
     (run here), so they need no fallback and the communication recorder sees them as issued.
@@ -205,6 +205,11 @@ _CUDA_TYPES = [
 
 
 def _patch_distributed_optimizer() -> None:
+    # bf16/fp16 models with the plain optimizer: the same CUDA type names in its master-copy set-up
+    optimizer = _module("megatron.core.optimizer.optimizer")
+    rewrite_function(optimizer.Float16OptimizerWithFloat16Params, "__init__", _CUDA_TYPES + [
+        Rewrite("param.type() == 'torch.cuda.FloatTensor'", "param.type() == 'torch.FloatTensor'"),
+    ], CHECKED_DISTOPT)
     distrib = _module("megatron.core.optimizer.distrib_optimizer")
     cls = distrib.DistributedOptimizer
     rewrite_function(cls, "_build_model_and_main_param_groups", _CUDA_TYPES + [
