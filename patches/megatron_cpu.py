@@ -17,6 +17,12 @@ Fixes (numbers follow shared/spec/megatron_cpu.md):
  5. DDP / optimizer: `torch.cuda.current_stream()` in grad sync (0.19.x), the CUDA flag of
     `MegatronOptimizer.has_grad_norm_group` (0.19.x), CUDA-only buffers and asserts in gradient
     clipping (a CPU path, so `clip_grad` works on CPU).
+ 6. DistributedOptimizer (`parallel.use_distributed_optimizer`), and Float16OptimizerWithFloat16Params
+    (bf16/fp16 without it): they tell fp32 from bf16/fp16 parameters by their CUDA type names
+    (`param.type() == 'torch.cuda.FloatTensor'`), so a CPU parameter is refused; its `load_state_dict` allocates on the current CUDA device. Checked against
+    0.16.1 (run) and 0.19.2 (source). Its collectives (`reduce_scatter_tensor`,
+    `all_gather_into_tensor`, inside `_coalescing_manager`) run natively on gloo in torch 2.13.0
+    (run here), so they need no fallback and the communication recorder sees them as issued.
 """
 from __future__ import annotations
 
@@ -149,6 +155,11 @@ def _patch_current_device() -> None:
         raise UpstreamChangedError(f"tensor_parallel.mappings no longer allocates on torch.cuda.current_device(); "
                                    f"re-check the CPU fixes (checked {CHECKED})")
 
+    # sequence parallelism: backward all-gathers the sequence-sharded input again for the weight
+    # gradient, into a buffer on the current CUDA device (0.16.1 run, 0.19.2 source)
+    layers = _module("megatron.core.tensor_parallel.layers")
+    rewrite_function(layers.LinearWithGradAccumulationAndAsyncCommunication, "backward", [_CURRENT_DEVICE], CHECKED)
+
     core_utils = _module("megatron.core.utils")
     # the attention score buffer (DotProductAttention) is allocated on the current CUDA device
     rewrite_function(core_utils.GlobalMemoryBuffer, "get_tensor", [_CURRENT_DEVICE], CHECKED)
@@ -188,6 +199,29 @@ def _patch_grad_clipping() -> None:
     rewrite_function(_module("megatron.core.utils"), "local_multi_tensor_l2_norm", [_CUDA_DEVICE], CHECKED)
 
 
+_CUDA_TYPES = [
+    Rewrite("'torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor'", "'torch.HalfTensor', 'torch.BFloat16Tensor'"),
+]
+
+
+def _patch_distributed_optimizer() -> None:
+    # bf16/fp16 models with the plain optimizer: the same CUDA type names in its master-copy set-up
+    optimizer = _module("megatron.core.optimizer.optimizer")
+    rewrite_function(optimizer.Float16OptimizerWithFloat16Params, "__init__", _CUDA_TYPES + [
+        Rewrite("param.type() == 'torch.cuda.FloatTensor'", "param.type() == 'torch.FloatTensor'"),
+    ], CHECKED_DISTOPT)
+    distrib = _module("megatron.core.optimizer.distrib_optimizer")
+    cls = distrib.DistributedOptimizer
+    rewrite_function(cls, "_build_model_and_main_param_groups", _CUDA_TYPES + [
+        Rewrite("model_param.type() == 'torch.cuda.FloatTensor'", "model_param.type() == 'torch.FloatTensor'"),
+    ], CHECKED_DISTOPT)
+    rewrite_function(cls, "__init__", _CUDA_TYPES, CHECKED_DISTOPT)
+    rewrite_function(cls, "load_state_dict", [_CURRENT_DEVICE], CHECKED_DISTOPT)
+
+
+CHECKED_DISTOPT = "megatron-core 0.16.1 (run on CPU), 0.19.2 (source)"
+
+
 def apply_cpu_patches(force: bool = False) -> bool:
     """Apply every CPU fix once; a no-op when CUDA is available (unless forced). Returns True if applied."""
     global _applied
@@ -199,6 +233,7 @@ def apply_cpu_patches(force: bool = False) -> bool:
     _patch_device_literals()
     _patch_current_device()
     _patch_grad_clipping()
+    _patch_distributed_optimizer()
     _applied = True
     log.debug("applied megatron-core CPU fixes (%s)", CHECKED)
     return True

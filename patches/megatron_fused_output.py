@@ -8,7 +8,9 @@ unchanged and remembers the weight GPTModel passed (the shared embedding when ti
 hands those hidden states, [b, s, h], to the loss function where logits would have been.
 
 The skipped `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the input
-gradient backward) is done by the fused op itself, once. Checked against megatron-core 0.16.1,
+gradient backward) is done by the fused op itself, once. Under sequence parallelism the layer's
+input is a sequence shard that the layer itself would all-gather (`self.sequence_parallel`, 0.16.1):
+the replacement gathers it too. Checked against megatron-core 0.16.1,
 0.17.1, 0.18.2 and 0.19.2 (each run): `GPTModel._postprocess` calls
 `self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=...)`, verified at
 install time.
@@ -45,6 +47,12 @@ def install_fused_output(gpt_model) -> None:
 
     def forward(input_, weight=None, runtime_gather_output=None):
         layer._erc_weight = layer.weight if weight is None else weight
+        if getattr(layer, "sequence_parallel", False):
+            # the layer would all-gather its sequence-parallel input; its backward reduce-scatter is
+            # the fused op's all-reduce of the hidden gradient followed by taking this rank's part
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
         return input_, None
 
     layer.forward = forward

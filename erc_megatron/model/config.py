@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = (None, "uniform", "block")
 
 
 class ConfigError(ValueError):
@@ -14,6 +16,32 @@ class ConfigError(ValueError):
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def check_recompute(section: str, granularity: str | None, method: str | None, num_layers: int | None,
+                    total_layers: int | None = None) -> None:
+    """Megatron's rules for activation recomputation, refused here with the field names (megatron
+    would assert deep inside TransformerConfig, or silently ignore a method without a granularity)."""
+    _require(granularity in RECOMPUTE_GRANULARITIES,
+             f"{section}.recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, got {granularity!r}")
+    _require(method in RECOMPUTE_METHODS,
+             f"{section}.recompute_method must be one of {RECOMPUTE_METHODS}, got {method!r}")
+    _require(num_layers is None or (isinstance(num_layers, int) and not isinstance(num_layers, bool)
+                                    and num_layers >= 1),
+             f"{section}.recompute_num_layers must be an integer >= 1 or null, got {num_layers!r}")
+    if granularity == "full":
+        _require(method is not None, f"{section}.recompute_method must be one of ('uniform', 'block') with "
+                                     f"{section}.recompute_granularity 'full', got null")
+        _require(num_layers is not None, f"{section}.recompute_num_layers must be an integer >= 1 with "
+                                         f"{section}.recompute_granularity 'full', got null")
+        _require(total_layers is None or num_layers <= total_layers,
+                 f"{section}.recompute_num_layers must be in [1, num_layers={total_layers}], got {num_layers}")
+    else:
+        what = "null" if granularity is None else "'selective' (it recomputes the attention core of every layer)"
+        _require(method is None, f"{section}.recompute_method must be null with {section}.recompute_granularity "
+                                 f"{what}, got {method!r}; set recompute_granularity: full to use it")
+        _require(num_layers is None, f"{section}.recompute_num_layers must be null with "
+                                     f"{section}.recompute_granularity {what}, got {num_layers!r}")
 
 
 @dataclass
@@ -52,6 +80,14 @@ class ModelConfig:
     """Parameter dtype: float32, bfloat16 or float16."""
     hf_architecture: str = "LlamaForCausalLM"
     """Hugging Face architecture used when exporting (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation (megatron's): None keeps every activation, "full" recomputes whole
+    transformer layers in backward (see recompute_method), "selective" only the attention core."""
+    recompute_method: str | None = None
+    """With "full": "uniform" checkpoints groups of recompute_num_layers layers, "block" the first
+    recompute_num_layers layers of each pipeline stage."""
+    recompute_num_layers: int | None = None
+    """With "full": layers per group (uniform) or per stage (block); None otherwise."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
@@ -71,6 +107,8 @@ class ModelConfig:
         _require(self.params_dtype in PARAMS_DTYPES,
                  f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         _require(self.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
+        check_recompute("model", self.recompute_granularity, self.recompute_method, self.recompute_num_layers,
+                        self.num_layers)
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
@@ -124,11 +162,32 @@ class ParallelConfig:
     """Base seed for megatron's RNG trackers and parameter initialisation."""
     distributed_timeout_minutes: int = 10
     """Timeout of collectives before a rank gives up."""
+    use_distributed_optimizer: bool | None = None
+    """megatron's DistributedOptimizer (ZeRO-1): each data-parallel rank keeps the fp32 master weights
+    and Adam moments of 1/dp of the parameters; gradients are reduce-scattered and the updated
+    weights all-gathered instead of one all-reduce. None: on when the data-parallel size is > 1."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism: norms, dropout and residuals work on 1/tp of the sequence, and
+    the tensor-parallel all-reduces become reduce-scatter + all-gather. Needs tensor_model_parallel_size > 1."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                      "expert_model_parallel_size", "distributed_timeout_minutes"):
             _require(int(getattr(self, name)) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.use_distributed_optimizer in (None, True, False),
+                 f"parallel.use_distributed_optimizer must be true, false or null (on when data-parallel size > 1), "
+                 f"got {self.use_distributed_optimizer!r}")
+        _require(self.sequence_parallel in (True, False),
+                 f"parallel.sequence_parallel must be true or false, got {self.sequence_parallel!r}")
+        _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+                 f"parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1 (it splits the sequence "
+                 f"over the tensor-parallel ranks), got tensor_model_parallel_size {self.tensor_model_parallel_size}")
+
+    def distributed_optimizer(self, data_parallel_size: int) -> bool:
+        """Whether the distributed optimizer is used at this data-parallel size (None: dp > 1)."""
+        if self.use_distributed_optimizer is None:
+            return data_parallel_size > 1
+        return bool(self.use_distributed_optimizer)
 
     @property
     def model_parallel_size(self) -> int:
@@ -174,8 +233,13 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
         if model.num_layers % pp:
             errors.append(f"num_layers ({model.num_layers}) is not divisible by pipeline_model_parallel_size "
                           f"({pp}): {model.num_layers / pp:.2f} layers per stage")
+        elif model.recompute_num_layers is not None and model.recompute_num_layers > model.num_layers // pp:
+            errors.append(f"recompute_num_layers ({model.recompute_num_layers}) is more than the "
+                          f"{model.num_layers // pp} layers per pipeline stage (num_layers {model.num_layers} / "
+                          f"pipeline_model_parallel_size {pp})")
     return errors
 
 
 
-__all__ = ["PARAMS_DTYPES", "ConfigError", "ModelConfig", "ParallelConfig", "layout_errors"]
+__all__ = ["PARAMS_DTYPES", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "ConfigError", "ModelConfig",
+           "ParallelConfig", "check_recompute", "layout_errors"]

@@ -20,11 +20,17 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int = 1,
-                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1):
+                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                             sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch_dtype(model.params_dtype)
     on_gpu = torch.cuda.is_available()
+    if sequence_parallel and not have_transformer_engine():
+        # the local spec's torch norms refuse sequence parallelism; Transformer Engine's do not
+        from erc_megatron.patches.megatron_torch_norm_sp import apply_torch_norm_sequence_parallel
+
+        apply_torch_norm_sequence_parallel()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -35,6 +41,10 @@ def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
@@ -70,7 +80,7 @@ def layer_spec(model: ModelConfig):
 
 
 def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bool | None = None,
-                    post_process: bool | None = None, *, layout=None):
+                    post_process: bool | None = None, *, layout=None, sequence_parallel: bool = False):
     """This rank's GPTModel shard at `layout` (erc_megatron.dist.ParallelLayout; None: the one
     erc_megatron.dist.init_distributed made)."""
     from megatron.core.models.gpt import GPTModel
@@ -80,7 +90,8 @@ def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bo
     layout = layout or current_layout()
     tp = layout.tp.size
     if transformer_config is None:
-        transformer_config = build_transformer_config(model, tp, layout.pp.size, layout.cp.size)
+        transformer_config = build_transformer_config(model, tp, layout.pp.size, layout.cp.size,
+                                                      sequence_parallel=sequence_parallel)
     if pre_process is None:
         pre_process = layout.is_first_stage
     if post_process is None:

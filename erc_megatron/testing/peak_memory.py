@@ -27,3 +27,16 @@ def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
         level += delta
         peak = max(peak, level)
     return result, peak
+
+
+def peak_and_held_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int, int]:
+    """(fn(), peak bytes above the level at the call, bytes still held when fn returned): for a forward
+    pass, what it keeps alive for backward (activations) besides its output."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        result = fn()
+    level = peak = 0
+    for _, delta in cpu_memory_events(prof):
+        level += delta
+        peak = max(peak, level)
+    return result, peak, level

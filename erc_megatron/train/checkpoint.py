@@ -11,9 +11,13 @@ previous complete checkpoint and nothing half-written is ever loaded.
 Adam's moments are written the same way, as fp32 checkpoints `adam_exp_avg/` and `adam_exp_avg_sq/`
 shaped like the weights they belong to.
 
-Resuming with the same layout (TP, PP, world size) loads every rank's own file: bit-exact. With a
-different layout, the weights and Adam moments are resharded from those folders (full tensors cut
-anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
+With the distributed optimizer (ZeRO-1) each rank's file holds its slices of the fp32 master weights
+and Adam moments, and the layout-free folders hold them whole (assembled over data parallel), so a
+checkpoint saved with it resumes without it and the other way round.
+
+Resuming with the same layout (TP, PP, world size, distributed optimizer or not) loads every rank's
+own file: bit-exact. With a different layout, the weights and Adam moments are resharded from those
+folders (full tensors cut anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
 trainer.json; the RNG states start fresh (they are per rank; a warning says so). bf16/fp16 runs
 also write their fp32 master weights (`main_params/`), so nothing is rounded on the way. Nothing is
 unpickled: per-rank files load with `weights_only=True`.
@@ -52,12 +56,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _layout() -> dict:
+def _layout(learner) -> dict:
     from megatron.core import parallel_state as ps
 
     return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            # the per-rank optimizer files differ in kind with and without it
+            "distributed_optimizer": bool(getattr(learner, "distributed_optimizer", False))}
 
 
 def _barrier() -> None:
@@ -86,7 +92,7 @@ def _params_holding(tensors: dict):
 def _save_layout_free(folder: Path, learner) -> int:
     """Collective: model/ and the Adam moments as full-tensor checkpoints; returns Adam's step count."""
     from erc_megatron.model.config import ConfigError
-    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, adam_step_count, main_params
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moments, adam_step_count, main_params
     from erc_megatron.weights.checkpoint_io import save_hf_checkpoint
     from erc_megatron.weights.hf_convert import check_hf_compatible
 
@@ -98,17 +104,28 @@ def _save_layout_free(folder: Path, learner) -> int:
         return 0
     save_hf_checkpoint(learner.model, learner.model_config, str(folder / MODEL_DIR))
     params = _trainable(learner)
-    mains = main_params(params)
+    mains = main_params(learner.optimizer, params)
     if mains:
         with _params_holding(mains):
             save_hf_checkpoint(learner.model, learner.model_config, str(folder / MAIN_PARAMS_DIR), dtype=torch.float32)
     steps = adam_step_count(learner.optimizer, params)
+    # the same on every rank (a rank that owns no slice of any parameter would say 0)
+    steps = _max_over_ranks(steps)
     if steps:
         for name in MOMENTS:
-            with _params_holding({p: adam_moment(learner.optimizer, p, name) for p in params}):
+            # with the distributed optimizer, whole moments assembled from the data-parallel slices
+            with _params_holding(adam_moments(learner.optimizer, params, name)):
                 save_hf_checkpoint(learner.model, learner.model_config, str(folder / f"adam_{name}"),
                                    dtype=torch.float32)
     return steps
+
+
+def _max_over_ranks(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def save_checkpoint(run_dir: str | Path, step: int, learner, trainer_state: dict, keep: int = 2) -> Path:
@@ -117,15 +134,19 @@ def save_checkpoint(run_dir: str | Path, step: int, learner, trainer_state: dict
     root = Path(run_dir) / "checkpoints"
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
+    from erc_megatron.patches.megatron_adam_state import distributed_slices
+
     payload = {"model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
-               "scheduler": learner.scheduler.state_dict(), "rng": _rng_state(), "layout": _layout()}
+               # the distributed optimizer keeps Adam's state out of its state_dict: this rank's slices
+               "optimizer_slices": distributed_slices(learner.optimizer, _trainable(learner)),
+               "scheduler": learner.scheduler.state_dict(), "rng": _rng_state(), "layout": _layout(learner)}
     tmp = folder / f".rank_{rank:05d}.pt.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, folder / f"rank_{rank:05d}.pt")
     adam_steps = _save_layout_free(folder, learner)
     if rank == 0:
         tmp = folder / ".trainer.json.tmp"
-        tmp.write_text(json.dumps({**trainer_state, "step": step, "layout": _layout(),
+        tmp.write_text(json.dumps({**trainer_state, "step": step, "layout": _layout(learner),
                                    "scheduler": learner.scheduler.state_dict(), "adam_steps": adam_steps},
                                   indent=1))
         os.replace(tmp, folder / "trainer.json")
@@ -194,7 +215,8 @@ def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer_state = json.loads((folder / "trainer.json").read_text())
-    saved, now = trainer_state["layout"], _layout()
+    # checkpoints from before the distributed optimizer existed were saved without it
+    saved, now = {"distributed_optimizer": False, **trainer_state["layout"]}, _layout(learner)
     if saved != now or layout_free:
         return _load_resharded(folder, learner, trainer_state, saved, now)
     path = folder / f"rank_{rank:05d}.pt"
@@ -203,13 +225,18 @@ def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     learner.model.load_state_dict(payload["model"])
     learner.optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("optimizer_slices"):
+        from erc_megatron.patches.megatron_adam_state import load_distributed_slices
+
+        load_distributed_slices(learner.optimizer, _trainable(learner), payload["optimizer_slices"])
     _load_scheduler(learner, payload["scheduler"])
     _set_rng_state(payload["rng"])
     return trainer_state
 
 
 def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now: dict) -> dict:
-    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moment, main_params, set_adam_step_count
+    from erc_megatron.patches.megatron_adam_state import MOMENTS, adam_moments, main_params, set_adam_step_count, \
+        store_adam_moments, store_main_params
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
     model_dir = folder / MODEL_DIR
@@ -222,15 +249,19 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
     # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
     learner.optimizer.reload_model_params()
     params = _trainable(learner)
-    mains = main_params(params)
+    mains = main_params(learner.optimizer, params, for_loading=True)
     if mains and (folder / MAIN_PARAMS_DIR).exists():
         with _params_holding(mains):
             load_hf_checkpoint(learner.unwrapped, str(folder / MAIN_PARAMS_DIR), learner.model_config)
+        store_main_params(learner.optimizer, mains)
     steps = int(trainer_state.get("adam_steps", 0))
     if steps:
         for name in MOMENTS:
-            with _params_holding({p: adam_moment(learner.optimizer, p, name) for p in params}):
+            # whole moments, whatever the saved layout; the distributed optimizer keeps its slices
+            moments = adam_moments(learner.optimizer, params, name, for_loading=True)
+            with _params_holding(moments):
                 load_hf_checkpoint(learner.unwrapped, str(folder / f"adam_{name}"), learner.model_config)
+            store_adam_moments(learner.optimizer, params, name, moments)
         set_adam_step_count(learner.optimizer, params, steps)
     _load_scheduler(learner, trainer_state["scheduler"])
     trainer_state["resharded_from"] = saved

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from erc_megatron.algo import PolicyLossConfig
 from erc_megatron.data.prompts import DataConfig
-from erc_megatron.model.config import PARAMS_DTYPES, ConfigError, ParallelConfig
+from erc_megatron.model.config import PARAMS_DTYPES, ConfigError, ParallelConfig, check_recompute
 from erc_megatron.reward.registry import RewardConfig
 from erc_megatron.train.learner import OptimConfig
 from erc_megatron.train.step import LogitsConfig
@@ -25,8 +25,17 @@ class ModelSection:
     """Vocabulary padding multiple (times the tensor-parallel size)."""
     params_dtype: str = "float32"
     """float32, bfloat16 or float16."""
+    recompute_granularity: str | None = None
+    """Activation recomputation (megatron's): null keeps every activation, "full" recomputes whole
+    transformer layers in backward (with recompute_method), "selective" only the attention core."""
+    recompute_method: str | None = None
+    """With "full": "uniform" checkpoints groups of recompute_num_layers layers, "block" the first
+    recompute_num_layers layers of each pipeline stage; null otherwise."""
+    recompute_num_layers: int | None = None
+    """With "full": layers per group (uniform) or per pipeline stage (block); null otherwise."""
 
     def __post_init__(self) -> None:
+        check_recompute("model", self.recompute_granularity, self.recompute_method, self.recompute_num_layers)
         if self.params_dtype not in PARAMS_DTYPES:
             raise ConfigError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         if self.make_vocab_size_divisible_by < 1:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erc_megatron.model.config import ConfigError, ModelConfig
+from erc_megatron.model.config import ConfigError, ModelConfig, ParallelConfig
 
 
 @dataclass
@@ -64,16 +64,21 @@ class Learner:
     scheduler: object
     model_config: ModelConfig
     transformer_config: object
+    distributed_optimizer: bool = False
+    """Whether `optimizer` is megatron's DistributedOptimizer (Adam state sharded over data parallel)."""
 
     @property
     def unwrapped(self):
         return self.model.module
 
 
-def build_learner(model_config: ModelConfig, optim: OptimConfig, layout=None) -> Learner:
+def build_learner(model_config: ModelConfig, optim: OptimConfig, parallel: ParallelConfig | None = None,
+                  layout=None) -> Learner:
     """Model shard + megatron DDP + megatron optimizer (torch AdamW without TE/apex) + LR schedule.
 
-    `layout`: erc_megatron.dist.ParallelLayout (None: the one erc_megatron.dist.init_distributed made).
+    `parallel` says whether to use the distributed optimizer and sequence parallelism (None:
+    ParallelConfig's defaults); `layout`: erc_megatron.dist.ParallelLayout (None: the one
+    erc_megatron.dist.init_distributed made).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -81,12 +86,17 @@ def build_learner(model_config: ModelConfig, optim: OptimConfig, layout=None) ->
 
     from erc_megatron.model.gpt import build_gpt_model, torch_dtype
 
-    gpt = build_gpt_model(model_config, layout=layout)
+    from erc_megatron.dist import current_layout
+
+    layout = layout or current_layout()
+    parallel = parallel or ParallelConfig()
+    distopt = parallel.distributed_optimizer(layout.dp.size)
+    gpt = build_gpt_model(model_config, layout=layout, sequence_parallel=parallel.sequence_parallel)
     tcfg = gpt.config
     ddp = DistributedDataParallel(
         config=tcfg,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False),
+                                                 use_distributed_optimizer=distopt),
         module=gpt,
     )
     dtype = torch_dtype(model_config.params_dtype)
@@ -94,7 +104,7 @@ def build_learner(model_config: ModelConfig, optim: OptimConfig, layout=None) ->
         OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                         clip_grad=optim.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                        params_dtype=dtype, use_distributed_optimizer=False),
+                        params_dtype=dtype, use_distributed_optimizer=distopt),
         [ddp],
     )
     tcfg.finalize_model_grads_func = finalize_model_grads
@@ -104,4 +114,4 @@ def build_learner(model_config: ModelConfig, optim: OptimConfig, layout=None) ->
         lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=max(optim.lr_decay_steps, optim.lr_warmup_steps + 1),
         lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=1, wd_incr_style="constant")
-    return Learner(ddp, optimizer, scheduler, model_config, tcfg)
+    return Learner(ddp, optimizer, scheduler, model_config, tcfg, distopt)

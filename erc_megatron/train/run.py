@@ -81,7 +81,10 @@ def start_run(cfg) -> tuple[Run, LoopState]:
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config,
                                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                           params_dtype=cfg.model.params_dtype)
+                                           params_dtype=cfg.model.params_dtype,
+                                           recompute_granularity=cfg.model.recompute_granularity,
+                                           recompute_method=cfg.model.recompute_method,
+                                           recompute_num_layers=cfg.model.recompute_num_layers)
     layout = init_distributed(cfg.parallel, model_cfg)
     console.say(console.environment_line(
         backend=dist.get_backend(), device="GPU" if torch.cuda.is_available() else "CPU",
@@ -89,7 +92,7 @@ def start_run(cfg) -> tuple[Run, LoopState]:
         dp=layout.dp.size, cp=layout.cp.size, ep=layout.ep.size,
         versions=console.runtime_versions(), absent=console.absent_parts()))
     with console.Progress(f"building the model ({model_cfg.num_layers} layers)"):
-        learner = build_learner(model_cfg, cfg.optim, layout)
+        learner = build_learner(model_cfg, cfg.optim, cfg.parallel, layout=layout)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     run = Run(cfg=cfg, model_cfg=model_cfg, layout=layout, learner=learner, tokenizer=tokenizer, pad_id=pad_id,

@@ -196,7 +196,7 @@ def setup(cuda: bool | None = None, process_rank: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------- environment
 OPTIONAL_PARTS: tuple[tuple[str, str, str], ...] = (
     # (import name, shown as, what its absence means)
-    ("transformer_engine", "Transformer Engine", "no context/sequence parallelism, local layer spec"),
+    ("transformer_engine", "Transformer Engine", "no context parallelism, local layer spec"),
     ("apex", "apex", "torch norms and AdamW"),
     ("sglang", "SGLang", "embedded CPU rollout server unless rollout.server_urls"),
     ("mpi4py", "mpi4py", "no launch/mpirun.sh"),

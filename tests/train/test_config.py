@@ -16,12 +16,17 @@ BAD = {
     "model.path": ("''", "model.path is required"),
     "model.make_vocab_size_divisible_by": ("0", ">= 1"),
     "model.params_dtype": ("int8", "one of"),
+    "model.recompute_granularity": ("partial", "(None, 'full', 'selective')"),
+    "model.recompute_method": ("uniform", "set recompute_granularity: full"),
+    "model.recompute_num_layers": ("0", "integer >= 1 or null"),
     "parallel.tensor_model_parallel_size": ("0", ">= 1"),
     "parallel.pipeline_model_parallel_size": ("0", ">= 1"),
     "parallel.context_parallel_size": ("0", ">= 1"),
     "parallel.expert_model_parallel_size": ("0", ">= 1"),
     "parallel.seed": ("x", "must be an integer"),
     "parallel.distributed_timeout_minutes": ("0", ">= 1"),
+    "parallel.use_distributed_optimizer": ("maybe", "true or false"),
+    "parallel.sequence_parallel": ("true", "tensor_model_parallel_size > 1"),
     "optim.lr": ("0", "> 0"),
     "optim.min_lr": ("-1", "in [0"),
     "optim.lr_warmup_steps": ("-1", ">= 0"),
@@ -135,6 +140,37 @@ def test_defaults_and_good_values_pass():
     assert cfg.logits.temperature == 0.7
     cfg = config_tree.load(RunConfig, None, BASE + ["rollout.temperature=0.6"])
     assert cfg.logits.temperature == 0.6
+
+
+def test_recompute_and_parallel_combinations():
+    full = ["model.recompute_granularity=full"]
+    for extra, message in ((full, "model.recompute_method must be one of ('uniform', 'block')"),
+                           (full + ["model.recompute_method=block"], "model.recompute_num_layers must be an integer"),
+                           (["model.recompute_granularity=selective", "model.recompute_num_layers=2"],
+                            "model.recompute_num_layers must be null with model.recompute_granularity 'selective'"),
+                           (["model.recompute_method=ring"], "model.recompute_method must be one of")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            config_tree.load(RunConfig, None, BASE + extra)
+    cfg = config_tree.load(RunConfig, None, BASE + full + ["model.recompute_method=uniform", "model.recompute_num_layers=1",
+                                                           "parallel.tensor_model_parallel_size=2",
+                                                           "parallel.sequence_parallel=true",
+                                                           "parallel.use_distributed_optimizer=null"])
+    assert cfg.model.recompute_num_layers == 1 and cfg.parallel.sequence_parallel
+    # null: on exactly when there is more than one data-parallel rank
+    assert [cfg.parallel.distributed_optimizer(dp) for dp in (1, 2)] == [False, True]
+    cfg = config_tree.load(RunConfig, None, BASE + ["parallel.use_distributed_optimizer=false"])
+    assert not cfg.parallel.distributed_optimizer(8)
+
+
+def test_recompute_layers_per_stage_in_the_layout_check():
+    from erc_megatron.model.config import ModelConfig, ParallelConfig, layout_errors
+
+    model = ModelConfig(num_layers=4, recompute_granularity="full", recompute_method="block", recompute_num_layers=3)
+    assert layout_errors(4, ParallelConfig(pipeline_model_parallel_size=1), model) == []
+    errors = layout_errors(4, ParallelConfig(pipeline_model_parallel_size=2), model)
+    assert any("recompute_num_layers (3) is more than the 2 layers per pipeline stage" in e for e in errors), errors
+    with pytest.raises(ConfigError, match=r"model.recompute_num_layers must be in \[1, num_layers=4\], got 5"):
+        ModelConfig(num_layers=4, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=5)
 
 
 def test_data_seed_orders_the_prompts():

@@ -4,6 +4,10 @@ test_parallel_equivalence's tolerances, because weights AND Adam moments are res
 the saved layout stays bit-exact. A control resumes with the moments dropped and must differ, so
 the comparison can fail. The layout-free folders forced at the saved layout give the same next step,
 bit for bit, as the per-rank files: the format itself loses nothing.
+
+With the distributed optimizer (ZeRO-1, Adam state sliced over data parallel): the TP1xPP1 resume
+above runs with it (saved without), and a second checkpoint saved with it at TP2xPP1 (dp2) resumes
+bit-exact on its own layout and, within the same tolerances, without it and at TP1xPP1 with it (dp4).
 """
 import math
 import os
@@ -18,6 +22,7 @@ pytestmark = pytest.mark.e2e  # multi-process launches
 
 SAVED = (2, 2)
 RESHARDED = [(1, 1), (2, 1)]
+DISTOPT_SAVED = (2, 1)  # saved with the distributed optimizer (dp2)
 KEYS = ["pg/loss", "grad_norm", "erc/in_band_frac", "erc/rho_mean", "entropy/mean", "entropy/old_mean",
         "pg/approx_kl", "pos_nll/loss"]
 
@@ -67,38 +72,62 @@ def _worker(rank, world_size, seed, run_dir):
     optim = OptimConfig(lr=3e-3, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-4)
     data_state = {"epoch": 1, "offset": 7, "seed": 3, "shuffle": True, "dataset_size": 20}
 
-    def learner_at(tp, pp):
-        init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7), cfg)
-        return build_learner(cfg, optim)
+    def learner_at(tp, pp, distopt=None):
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7,
+                                  use_distributed_optimizer=distopt)
+        init_distributed(parallel, cfg)
+        learner = build_learner(cfg, optim, parallel)
+        # default (null): the distributed optimizer exactly when data parallel > 1
+        want = distopt if distopt is not None else ps.get_data_parallel_world_size() > 1
+        assert learner.distributed_optimizer == want
+        return learner
 
-    results = {}
-    learner = learner_at(*SAVED)
-    local = shard_for_rank(_full_state(cfg, seed), cfg, ps.get_tensor_model_parallel_rank(), SAVED[0],
-                           ps.get_pipeline_model_parallel_rank(), SAVED[1])
-    learner.unwrapped.load_state_dict(local, strict=False)
-    _step(learner, _rollout(seed), cfg)
-    save_checkpoint(run_dir, 1, learner, {"weight_version": 1, "data": data_state})
-    results["uninterrupted"] = _step(learner, _rollout(seed + 1), cfg)
-    del learner
-    ps.destroy_model_parallel()
+    def start(tp, pp, distopt, folder):
+        learner = learner_at(tp, pp, distopt)
+        local = shard_for_rank(_full_state(cfg, seed), cfg, ps.get_tensor_model_parallel_rank(), tp,
+                               ps.get_pipeline_model_parallel_rank(), pp)
+        learner.unwrapped.load_state_dict(local, strict=False)
+        _step(learner, _rollout(seed), cfg)
+        save_checkpoint(folder, 1, learner, {"weight_version": 1, "data": data_state})
+        out = _step(learner, _rollout(seed + 1), cfg)
+        del learner
+        ps.destroy_model_parallel()
+        return out
 
-    # (tp, pp, drop the Adam moments after loading, force the layout-free folders)
-    variants = [(*RESHARDED[0], False, False), (*RESHARDED[1], False, False), (*RESHARDED[0], True, False),
-                (*SAVED, False, False), (*SAVED, False, True)]
-    for tp, pp, drop_moments, layout_free in variants:
-        learner = learner_at(tp, pp)
-        state = load_checkpoint(latest_checkpoint(run_dir), learner, layout_free=layout_free)
+    def resume(folder, tp, pp, distopt=None, drop_moments=False, layout_free=False, saved=SAVED):
+        learner = learner_at(tp, pp, distopt)
+        state = load_checkpoint(latest_checkpoint(folder), learner, layout_free=layout_free)
         assert state["step"] == 1 and state["weight_version"] == 1 and state["data"] == data_state, state
-        assert ("resharded_from" in state) == ((tp, pp) != SAVED or layout_free), state
+        same = (tp, pp) == saved[:2] and learner.distributed_optimizer == saved[2]
+        assert ("resharded_from" in state) == (not same or layout_free), state
         assert learner.scheduler.num_steps == 3, learner.scheduler.num_steps
         if drop_moments:
             from erc_megatron.patches.megatron_adam_state import _torch_optimizers
 
             for opt in _torch_optimizers(learner.optimizer):
                 opt.state.clear()
-        results[(tp, pp, drop_moments, layout_free)] = _step(learner, _rollout(seed + 1), cfg)
+        out = _step(learner, _rollout(seed + 1), cfg)
         del learner
         ps.destroy_model_parallel()
+        return out
+
+    results = {"uninterrupted": start(*SAVED, None, run_dir)}
+    saved = (*SAVED, False)
+    # (tp, pp, drop the Adam moments after loading, force the layout-free folders); TP1xPP1 (dp4) runs
+    # with the distributed optimizer (the default there), TP2xPP1 (dp2) without it
+    for tp, pp, drop_moments, layout_free in [(*RESHARDED[0], False, False), (*RESHARDED[1], False, False),
+                                              (*RESHARDED[0], True, False), (*SAVED, False, False),
+                                              (*SAVED, False, True)]:
+        distopt = False if (tp, pp) == RESHARDED[1] else None
+        results[(tp, pp, drop_moments, layout_free)] = resume(run_dir, tp, pp, distopt, drop_moments, layout_free,
+                                                              saved)
+    # saved with the distributed optimizer
+    distopt_dir = os.path.join(run_dir, "distopt")
+    results["distopt_uninterrupted"] = start(*DISTOPT_SAVED, True, distopt_dir)
+    saved = (*DISTOPT_SAVED, True)
+    results["distopt_same"] = resume(distopt_dir, *DISTOPT_SAVED, True, saved=saved)
+    results["distopt_to_plain"] = resume(distopt_dir, *DISTOPT_SAVED, False, saved=saved)
+    results["distopt_to_dp4"] = resume(distopt_dir, 1, 1, True, saved=saved)
     return results
 
 
@@ -118,6 +147,14 @@ def test_resume_on_another_layout_matches_the_run_that_kept_its_layout(tmp_path)
                 for k in KEYS:
                     assert math.isclose(got[k], want[k], rel_tol=2e-5, abs_tol=1e-6), \
                         f"seed {seed} TP{tp}xPP{pp} update {update} {k}: {got[k]} vs {want[k]}"
+        # with the distributed optimizer: its own layout bit for bit, the others within tolerance
+        ref_d = results["distopt_uninterrupted"]
+        assert results["distopt_same"] == ref_d
+        for variant in ("distopt_to_plain", "distopt_to_dp4"):
+            for update, (got, want) in enumerate(zip(results[variant], ref_d)):
+                for k in KEYS:
+                    assert math.isclose(got[k], want[k], rel_tol=2e-5, abs_tol=1e-6), \
+                        f"seed {seed} {variant} update {update} {k}: {got[k]} vs {want[k]}"
         # without the moments the first update still matches (same weights) but the next ones do not
         dropped = results[(*RESHARDED[0], True, False)]
         assert math.isclose(dropped[0]["pg/loss"], ref[0]["pg/loss"], rel_tol=2e-5, abs_tol=1e-6)
