@@ -42,6 +42,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from erc_megatron.plan.inputs import Arch, Layout, StepShapes, Workload
 from erc_megatron.plan.params import Param, count, stage_layers, stage_params
@@ -79,6 +80,7 @@ def rank_coords(rank: int, layout: Layout) -> tuple[int, int, int]:
     return rank % layout.tp, (rank // layout.tp) % layout.dp, rank // (layout.tp * layout.dp)
 
 
+@lru_cache(maxsize=4096)
 def pipeline_p2p_calls(stage: int, pp: int, n: int, forward_only: bool) -> list[tuple[int, int]]:
     """(messages sent, messages received) of each batched p2p call megatron's non-interleaved
     schedule issues on `stage` for `n` micro-batches."""
@@ -203,14 +205,28 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
     mp_group_role = "DP" if layout.distopt else "MP"
     samples = work.prompts_per_step * work.n_samples
     if rollout_bytes is None:
-        rollout_bytes = samples * (shapes.s * 5 + 300)  # pickled ints and per-sample overhead
+        rollout_bytes = samples * (shapes.s * 8 + 150)  # pickled token ids, log-probs, per-sample fields
+
+    per_stage = []
+    for stage in range(pp):
+        params = stage_params(arch, layout, stage, work.make_vocab_size_divisible_by)
+        dense, expert = [p for p in params if not p.expert], [p for p in params if p.expert]
+        per_stage.append({
+            "params": params, "expert": expert,
+            "buffers": [(grad_buffer_numel(g, layout.distopt, size), role)
+                        for g, role, size in ((dense, "DP", layout.dp), (expert, "EP", layout.edp)) if g],
+            "norms": sum(p.local for p in params if (layout.sp and p.norm) or p.qk_norm),
+            "gathers": gather_groups(params, layout, work.weight_sync_bucket_bytes, e),
+            "buckets": sync_buckets(params, work.weight_sync_bucket_bytes, e),
+        })
 
     for rank in range(layout.world):
         tp_rank, dp_rank, stage = rank_coords(rank, layout)
         first, last = stage == 0, stage == pp - 1
         layers = list(stage_layers(arch, pp, stage))
         moe = [i for i in layers if i in arch.moe_layers]
-        params = stage_params(arch, layout, stage, work.make_vocab_size_divisible_by)
+        mine = per_stage[stage]
+        expert = mine["expert"]
 
         def forward(phase: str, n: int, training: bool) -> None:
             if tp > 1:
@@ -269,31 +285,27 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                     add(rank, phase, "EP", "reduce_scatter", layout.etp * tokens * h * e, n * len(moe))
 
         def pipeline(phase: str, n: int, forward_only: bool) -> None:
-            msg = act // r
-            for sent, recv in pipeline_p2p_calls(stage, pp, n, forward_only):
-                add(rank, phase, "PP", "p2p", max(sent, recv) * msg)
+            calls = pipeline_p2p_calls(stage, pp, n, forward_only)
+            if calls:
+                add(rank, phase, "PP", "p2p", 0, len(calls))
+                acc[(rank, phase, "PP", "p2p")][1] += sum(max(c) for c in calls) * (act // r)
 
         # the rollout, on every rank
         add(rank, "rollout_broadcast", "world", "broadcast_object", rollout_bytes)
         # old-policy pass: forward only
         forward("old_policy", shapes.old_policy, training=False)
         pipeline("old_policy", shapes.old_policy, forward_only=True)
-        dense, expert = [p for p in params if not p.expert], [p for p in params if p.expert]
         for n in shapes.updates:
             forward("forward_backward", n, training=True)
             backward("forward_backward", n)
             pipeline("forward_backward", n, forward_only=False)
             # finalize_model_grads, then the DDP reduction, at the end of the schedule
-            norms = sum(p.local for p in params if (layout.sp and p.norm) or p.qk_norm)
-            if tp > 1 and norms:
-                add(rank, "forward_backward", "TP", "all_reduce", norms * 4)
+            if tp > 1 and mine["norms"]:
+                add(rank, "forward_backward", "TP", "all_reduce", mine["norms"] * 4)
             if arch.tied and pp > 1 and (first or last):
                 emb = arch.padded_vocab(tp, work.make_vocab_size_divisible_by) * h // tp
                 add(rank, "forward_backward", "embedding", "all_reduce", emb * 4)
-            for group_params, role, size in ((dense, "DP", layout.dp), (expert, "EP", layout.edp)):
-                if not group_params:
-                    continue
-                numel = grad_buffer_numel(group_params, layout.distopt, size)
+            for numel, role in mine["buffers"]:
                 if layout.distopt:
                     add(rank, "forward_backward", role, "reduce_scatter", numel * 4)
                     add(rank, "optimizer", role, "all_gather", numel * e)
@@ -309,7 +321,7 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
         # weight sync (destination "rank0")
         elem = e
         if dp_rank == 0:
-            for shard in gather_groups(params, layout, work.weight_sync_bucket_bytes, elem):
+            for shard in mine["gathers"]:
                 if tp > 1 and shard:
                     if work.backend == "gloo":
                         add(rank, "weight_sync", "TP", "gather", shard * tp if tp_rank == 0 else shard)
@@ -320,17 +332,15 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                 add(rank, "weight_sync", "EP", "gather", local * layout.ep if rank == 0 else local)
             if tp_rank == 0 and pp > 1:
                 if stage > 0:
-                    for b in sync_buckets(params, work.weight_sync_bucket_bytes, elem):
+                    for b in mine["buckets"]:
                         add(rank, "weight_sync", "PP", "p2p", b)
                 elif rank == 0:
-                    for s in range(1, pp):
-                        later = stage_params(arch, layout, s, work.make_vocab_size_divisible_by)
-                        for b in sync_buckets(later, work.weight_sync_bucket_bytes, elem):
+                    for later in per_stage[1:]:
+                        for b in later["buckets"]:
                             add(rank, "weight_sync", "PP", "p2p", b)
         if rank == 0:
-            for s in range(pp):
-                ps = stage_params(arch, layout, s, work.make_vocab_size_divisible_by)
-                for b in sync_buckets(ps, work.weight_sync_bucket_bytes, elem):
+            for st in per_stage:
+                for b in st["buckets"]:
                     add(rank, "weight_sync", "weight-sync", "broadcast", b)
         add(rank, "weight_sync", "world", "broadcast_object", 200)
     return [Event(k[0], k[1], k[2], k[3], v[0], v[1]) for k, v in sorted(acc.items())]

@@ -256,8 +256,18 @@ def arch_with_recipe(hf: dict, tree: dict, name: str) -> Arch:
     return arch
 
 
-def layout_from_recipe(tree: dict, world: int) -> Layout:
-    """The recipe's layout on `world` ranks (data-parallel size is what remains)."""
+def trainer_has(section_cls: type, name: str) -> bool:
+    """Whether this checkout's config class has the field (keys being added on other branches)."""
+    import dataclasses
+
+    return name in {f.name for f in dataclasses.fields(section_cls)}
+
+
+def layout_from_recipe(tree: dict, world: int, distopt_supported: bool = True) -> Layout:
+    """The recipe's layout on `world` ranks (data-parallel size is what remains).
+
+    `parallel.use_distributed_optimizer` unset means on when data-parallel size > 1; with
+    `distopt_supported=False` (a trainer without the field) it is off."""
     tp = int(_get(tree, "parallel.tensor_model_parallel_size", 1))
     pp = int(_get(tree, "parallel.pipeline_model_parallel_size", 1))
     if world % (tp * pp):
@@ -270,7 +280,7 @@ def layout_from_recipe(tree: dict, world: int) -> Layout:
         raise ConfigError(f"model.recompute_granularity must be one of {list(RECOMPUTE)}, got {recompute!r}")
     return Layout(tp=tp, pp=pp, dp=dp, ep=int(_get(tree, "parallel.expert_model_parallel_size", 1)),
                   etp=int(_get(tree, "parallel.expert_tensor_parallel_size") or 1),
-                  distopt=bool(dp > 1 if distopt is None else distopt),
+                  distopt=bool(dp > 1 if distopt is None else distopt) and distopt_supported,
                   sp=bool(_get(tree, "parallel.sequence_parallel", False)), recompute=recompute,
                   recompute_method=_get(tree, "model.recompute_method"),
                   recompute_num_layers=_get(tree, "model.recompute_num_layers"))

@@ -35,6 +35,12 @@ def stage_layers(arch: Arch, pp: int, stage: int) -> range:
 
 
 def layer_params(arch: Arch, layout: Layout, index: int) -> list[Param]:
+    """The parameters of layer `index` on one rank, in module order."""
+    return list(_layer_params(arch, Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp), index in arch.moe_layers))
+
+
+@lru_cache(maxsize=256)
+def _layer_params(arch: Arch, layout: Layout, moe: bool) -> tuple[Param, ...]:
     h, d, tp = arch.hidden, arch.head_dim, layout.tp
     q, kv = arch.heads * d, arch.groups * d
     out = [Param(h, h, False, norm=True)]
@@ -45,7 +51,7 @@ def layer_params(arch: Arch, layout: Layout, index: int) -> list[Param]:
     if arch.qk_norm:
         out += [Param(d, d, False, qk_norm=True), Param(d, d, False, qk_norm=True)]
     out.append(Param(h, h, False, norm=True))
-    if index in arch.moe_layers:
+    if moe:
         out.append(Param(arch.num_experts * h, arch.num_experts * h, False))  # router, replicated
         local_experts = arch.num_experts // layout.ep
         f = arch.moe_ffn
@@ -55,15 +61,17 @@ def layer_params(arch: Arch, layout: Layout, index: int) -> list[Param]:
     else:
         out.append(Param(2 * arch.ffn * h // tp, 2 * arch.ffn * h, True))
         out.append(Param(h * arch.ffn // tp, h * arch.ffn, True))
-    return out
+    return tuple(out)
 
 
 def stage_params(arch: Arch, layout: Layout, stage: int, divisible_by: int = 128) -> list[Param]:
     """The parameters one rank of pipeline stage `stage` holds, in module order."""
-    return list(_stage_params(arch, layout, stage, divisible_by))
+    # only the sizes matter: layouts differing in switches (distopt, SP, recompute) share one entry
+    shape = Layout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
+    return list(_stage_params(arch, shape, stage, divisible_by))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _stage_params(arch: Arch, layout: Layout, stage: int, divisible_by: int) -> tuple[Param, ...]:
     vp = arch.padded_vocab(layout.tp, divisible_by)
     emb = Param(vp * arch.hidden // layout.tp, arch.vocab * arch.hidden, True)
@@ -71,7 +79,7 @@ def _stage_params(arch: Arch, layout: Layout, stage: int, divisible_by: int) -> 
     if stage == 0:
         out.append(emb)
     for i in stage_layers(arch, layout.pp, stage):
-        out += layer_params(arch, layout, i)
+        out += _layer_params(arch, Layout(tp=layout.tp, ep=layout.ep, etp=layout.etp), i in arch.moe_layers)
     if stage == layout.pp - 1:
         out.append(Param(arch.hidden, arch.hidden, False, norm=True))
         if not arch.tied:
@@ -97,3 +105,15 @@ def active_params(arch: Arch) -> int:
         return full
     per_expert = 3 * arch.moe_ffn * arch.hidden
     return full - len(arch.moe_layers) * (arch.num_experts - arch.topk) * per_expert
+
+
+def stage_matmul_params(arch: Arch, pp: int, stage: int) -> int:
+    """Weights one token multiplies on `stage` (the input embedding is a lookup; MoE layers count
+    their top-k experts): what its forward FLOPs are proportional to."""
+    one = Layout(pp=pp)
+    ps = stage_params(arch, one, stage)
+    dense = sum(p.full for p in ps if not p.expert and not p.norm and not p.qk_norm)
+    if stage == 0:
+        dense -= arch.vocab * arch.hidden
+    moe_layers = [i for i in stage_layers(arch, pp, stage) if i in arch.moe_layers]
+    return dense + len(moe_layers) * arch.topk * 3 * arch.moe_ffn * arch.hidden

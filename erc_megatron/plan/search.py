@@ -2,15 +2,18 @@
 memory, ranked by an estimate of the learner's time per step (lowest first).
 
 The estimate (`step_seconds`) is deliberately simple and states its assumptions:
-- compute: 6 x active parameters x tokens per update (forward + backward) plus 2 x for the
-  old-policy forward, at `mfu` of `peak_tflops` per GPU; full recomputation adds one forward
-  (8/6 of the update), selective none to speak of; the 1F1B pipeline bubble multiplies the update
-  by (1 + (pp - 1) / m) for m micro-batches per optimizer step;
+- compute: 6 x matmul parameters x tokens per update (forward + backward) plus 2 x for the
+  old-policy forward, at `mfu` of `peak_tflops` per GPU; a pipeline runs at the pace of its
+  slowest stage (the last one also holds the output layer), so the stage with the most matmul
+  parameters counts pp times; full recomputation adds one forward (8/6 of the update); the 1F1B
+  bubble multiplies the update by (1 + (pp - 1) / m) for m micro-batches per optimizer step;
 - communication: the busiest rank's bytes per group over that group's bandwidth, NVLink
   (`intra_node_gbps`) for groups inside one node (`gpus_per_node`), the NIC (`inter_node_gbps`)
   for groups spanning nodes; TP and EP are on the critical path, DP and weight sync are counted
   whole (no overlap assumed: overlap_grad_reduce is off).
-Ties go to the layout with more free memory.
+Layouts that use more than `crowded` (90%) of the GPU memory are ranked after all others (the
+activation model is approximate: on CPU it undercounts the measured peak, README "Planner"); ties go
+to the layout with more free memory.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from erc_megatron.plan.comm import Event, predict_step, rank_coords
 from erc_megatron.plan.inputs import Arch, Layout, StepShapes, Workload, default_shapes
 from erc_megatron.plan.memory import MemoryBreakdown, rank_memory
-from erc_megatron.plan.params import active_params
+from erc_megatron.plan.params import stage_matmul_params
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def enumerate_layouts(arch: Arch, gpus: int, gpus_per_node: int = 8) -> Iterator
                         continue
                     for distopt in ([False, True] if dp > 1 else [False]):
                         for sp in ([False, True] if tp > 1 else [False]):
-                            for recompute in (None, "selective", "full"):
+                            # selective recomputation only drops the [s, s] attention scores, which
+                            # flash attention (Transformer Engine on GPU) never keeps
+                            for recompute in (None, "full"):
                                 yield Layout(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, distopt=distopt, sp=sp,
                                              recompute=recompute)
 
@@ -110,10 +115,11 @@ def _group_gbps(layout: Layout, role: str, hw: Hardware) -> float:
 def step_seconds(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes, events: list[Event],
                  hw: Hardware) -> float:
     tokens = shapes.tokens * sum(shapes.updates) * layout.dp
-    flops = 6 * active_params(arch) * tokens * (8 / 6 if layout.recompute == "full" else 1.0)
+    weights = layout.pp * max(stage_matmul_params(arch, layout.pp, s) for s in range(layout.pp))
+    flops = 6 * weights * tokens * (8 / 6 if layout.recompute == "full" else 1.0)
     m = max(shapes.updates) if shapes.updates else 1
     flops *= 1 + (layout.pp - 1) / max(m, 1)
-    flops += 2 * active_params(arch) * shapes.tokens * shapes.old_policy * layout.dp
+    flops += 2 * weights * shapes.tokens * shapes.old_policy * layout.dp
     compute = flops / (layout.world * hw.peak_tflops * 1e12 * hw.mfu)
     per_rank: dict[int, float] = {}
     for ev in events:
@@ -132,8 +138,8 @@ def evaluate(arch: Arch, layout: Layout, work: Workload, hw: Hardware, shapes: S
     return Candidate(layout, memory, events, seconds, memory.total <= hw.gpu_memory_bytes)
 
 
-def search(arch: Arch, work: Workload, hw: Hardware, limit: int | None = None) -> list[Candidate]:
-    """Layouts that fit, best (lowest estimated step time) first."""
+def search(arch: Arch, work: Workload, hw: Hardware, limit: int | None = None, crowded: float = 0.9) -> list[Candidate]:
+    """Layouts that fit, best first (see the module docstring)."""
     out = []
     for layout in enumerate_layouts(arch, hw.gpus, hw.gpus_per_node):
         if layout_problems(arch, layout, work):
@@ -142,7 +148,7 @@ def search(arch: Arch, work: Workload, hw: Hardware, limit: int | None = None) -
         if rank_memory(arch, layout, work, shapes, hw.reserve_bytes).total > hw.gpu_memory_bytes:
             continue  # cheap test first: the communication prediction walks every rank
         out.append(evaluate(arch, layout, work, hw, shapes))
-    out.sort(key=lambda c: (c.seconds, c.memory.total))
+    out.sort(key=lambda c: (c.memory.total > crowded * hw.gpu_memory_bytes, c.seconds, c.memory.total))
     return out[:limit] if limit else out
 
 

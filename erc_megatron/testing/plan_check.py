@@ -116,7 +116,10 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
     tree = load_raw_recipe(recipe, overrides)
     hf, _ = load_hf_config(tree["model"]["path"])
     arch = arch_with_recipe(hf, tree, "demo")
-    layout = layout_from_recipe(tree, world)
+    from erc_megatron.model.config import ParallelConfig
+    from erc_megatron.plan.inputs import trainer_has
+
+    layout = layout_from_recipe(tree, world, trainer_has(ParallelConfig, "use_distributed_optimizer"))
     work = workload_from_recipe(tree, backend="gloo")
     with open(os.path.join(run_dir, "comm_profile.json")) as f:
         profile = json.load(f)
