@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpu-memory-gb must be > 0 and --reserve-gb >= 0, got {args.gpu_memory_gb} "
                           f"and {args.reserve_gb}")
     rec = load_recipe_inputs(args.config, args.overrides, args.gpus, args.hf_config)
-    gpus = args.gpus or (rec.layout.world if rec.layout else 1)
+    gpus = args.gpus or rec.layout.world
     hw = Hardware(gpus=gpus, gpu_memory_bytes=int(args.gpu_memory_gb * 1e9), gpus_per_node=args.gpus_per_node,
                   reserve_bytes=int(args.reserve_gb * 2**30))
     arch, work = rec.arch, rec.work
@@ -46,18 +46,17 @@ def run(args: argparse.Namespace) -> int:
           + (f"packed micro-batches of {work.max_tokens_per_micro_batch} tokens" if work.max_tokens_per_micro_batch
              else f"micro-batches of {work.micro_batch_size} x {work.seq_length} tokens"))
     mine = None
-    if rec.layout is not None:
-        problems = layout_problems(arch, rec.layout, work)
-        if problems:
-            print(f"the recipe's layout {rec.layout.label} is refused: " + "; ".join(problems))
-        else:
-            mine = evaluate(arch, rec.layout, work, hw)
-            verdict = "fits" if mine.fits else "does NOT fit"
-            print(f"\nthe recipe's layout {mine.layout.label} {verdict}:")
-            print(memory_table([mine], hw))
-            print("\ncollectives per step of the recipe's layout"
-                  f" ({', '.join(ESTIMATED_ROLES)}: estimated pickle sizes):")
-            print(comm_table(mine.events))
+    problems = layout_problems(arch, rec.layout, work)
+    if problems:
+        print(f"the recipe's layout {rec.layout.label} is refused: " + "; ".join(problems))
+    else:
+        mine = evaluate(arch, rec.layout, work, hw)
+        verdict = "fits" if mine.fits else "does NOT fit"
+        print(f"\nthe recipe's layout {mine.layout.label} {verdict}:")
+        print(memory_table([mine], hw))
+        print("\ncollectives per step of the recipe's layout"
+              f" ({', '.join(ESTIMATED_ROLES)}: estimated pickle sizes):")
+        print(comm_table(mine.events))
     cands = search(arch, work, hw)
     print(f"\n{len(cands)} layouts fit; best first by estimated learner seconds per step "
           "(compute at the stated MFU + the busiest rank's TP/PP/DP/EP bytes over NVLink or NIC bandwidth):")

@@ -117,19 +117,34 @@ def pipeline_p2p_calls(stage: int, pp: int, n: int, forward_only: bool) -> list[
     return calls
 
 
-def grad_buffer_numel(params: list[Param], distopt: bool, dp: int) -> int:
-    """Elements of megatron's gradient (and, with distopt, parameter) buffer for these params."""
-    if not params:
-        return 0
-    index = 0
-    for p in reversed(params):  # megatron fills the buffer in reverse (backprop) order
+def grad_buffer_ranges(params: list[Param], distopt: bool, dp: int) -> tuple[list[tuple[int, int]], int]:
+    """([start, end) of each parameter, buffer elements) of megatron's gradient buffer (one bucket):
+    filled in reverse (backprop) order; with the distributed optimizer each parameter starts at a
+    multiple of 64 and the end is padded to a multiple of lcm(dp, 128)."""
+    ranges, index = [], 0
+    for p in reversed(params):
         if distopt:
             index = -(-index // 64) * 64
+        ranges.append((index, index + p.local))
         index += p.local
-    if distopt:
+    if distopt and params:
         div = math.lcm(dp, 128)
         index = -(-index // div) * div
-    return index
+    return ranges, index
+
+
+def grad_buffer_numel(params: list[Param], distopt: bool, dp: int) -> int:
+    """Elements of megatron's gradient (and, with distopt, parameter) buffer for these params."""
+    return grad_buffer_ranges(params, distopt, dp)[1]
+
+
+def distopt_shard_numel(params: list[Param], dp: int, dp_rank: int) -> int:
+    """Parameter elements in data-parallel rank `dp_rank`'s shard of the buffer (what its optimizer
+    state covers under the distributed optimizer)."""
+    ranges, total = grad_buffer_ranges(params, True, dp)
+    size = total // dp
+    lo, hi = dp_rank * size, (dp_rank + 1) * size
+    return sum(max(0, min(end, hi) - max(start, lo)) for start, end in ranges)
 
 
 def statistics_sizes(loss: dict, with_nll: bool) -> tuple[int, int]:

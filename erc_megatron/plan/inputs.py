@@ -308,8 +308,8 @@ def workload_from_recipe(tree: dict, backend: str = "nccl") -> Workload:
 @dataclass(frozen=True)
 class Recipe:
     arch: Arch
-    layout: Layout | None
-    """The recipe's own layout (None when it does not fit the GPU count)."""
+    layout: Layout
+    """The recipe's own layout on the GPUs given."""
     work: Workload
     arch_source: str
     tree: dict
@@ -325,6 +325,5 @@ def load_recipe_inputs(path: str, overrides: list[str] = (), gpus: int | None = 
     arch = arch_with_recipe(hf, tree, os.path.basename(os.path.normpath(model_path)))
     tp = int(_get(tree, "parallel.tensor_model_parallel_size", 1))
     pp = int(_get(tree, "parallel.pipeline_model_parallel_size", 1))
-    world = gpus or tp * pp
-    layout = layout_from_recipe(tree, world) if world % (tp * pp) == 0 else None
+    layout = layout_from_recipe(tree, gpus or tp * pp)
     return Recipe(arch, layout, workload_from_recipe(tree, backend), source, tree)

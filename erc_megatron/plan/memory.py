@@ -50,16 +50,33 @@ def optimizer_bytes_per_param(params_dtype_bytes: int) -> int:
     return (4 if params_dtype_bytes < 4 else 0) + ADAM_STATE_BYTES
 
 
-def model_state_bytes(arch: Arch, layout: Layout, work: Workload, stage: int) -> tuple[int, int, int]:
-    """(parameters, gradient buffer, optimizer state) bytes on one rank of `stage`."""
+def model_state_bytes(arch: Arch, layout: Layout, work: Workload, stage: int,
+                      rank: int | None = None) -> tuple[int, int, int]:
+    """(parameters, gradient buffer, optimizer state) bytes on one rank of `stage`: global `rank`
+    for the exact shard of the distributed optimizer, None for the largest shard."""
+    from erc_megatron.plan.comm import distopt_shard_numel, grad_buffer_numel
+
     ps = stage_params(arch, layout, stage, work.make_vocab_size_divisible_by)
-    dense, expert = count(ps, expert=False), count(ps, expert=True)
+    dense_p, expert_p = [p for p in ps if not p.expert], [p for p in ps if p.expert]
+    dense, expert = count(dense_p), count(expert_p)
     per = optimizer_bytes_per_param(work.param_bytes)
     if layout.distopt:
-        opt = -(-dense // layout.dp) * per + -(-expert // layout.edp) * per
+        shards = 0
+        for group, size, index in ((dense_p, layout.dp, (rank // layout.tp) % layout.dp if rank is not None else None),
+                                   (expert_p, layout.edp,
+                                    (rank // (layout.etp * layout.ep)) % layout.edp if rank is not None else None)):
+            if not group:
+                continue
+            if index is None:
+                shards += max(distopt_shard_numel(group, size, r) for r in range(size))
+            else:
+                shards += distopt_shard_numel(group, size, index)
+        opt = shards * per
     else:
         opt = (dense + expert) * per
-    return (dense + expert) * work.param_bytes, (dense + expert) * GRAD_BYTES, opt
+    # the gradient buffer holds the padding too (distributed optimizer)
+    grads = sum(grad_buffer_numel(g, layout.distopt, size) for g, size in ((dense_p, layout.dp), (expert_p, layout.edp)))
+    return (dense + expert) * work.param_bytes, grads * GRAD_BYTES, opt
 
 
 def layer_activation_bytes(arch: Arch, layout: Layout, work: Workload, tokens: int, seq: int, moe: bool,

@@ -142,7 +142,7 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
         with open(os.path.join(run_dir, f"memory_rank{rank}.json")) as f:
             got = json.load(f)
         stage = rank_coords(rank, layout)[2]
-        p, g, o = model_state_bytes(arch, layout, work, stage)
+        p, g, o = model_state_bytes(arch, layout, work, stage, rank)
         act = activation_bytes(arch, layout, work, shapes, stage, flash_attention=False)
         lg = logits_bytes(arch, layout, work, shapes) if stage == layout.pp - 1 else 0
         memory[rank] = {"predicted": {"params": p, "grads": g, "optimizer": o, "forward_backward_peak": act + lg},
@@ -174,3 +174,44 @@ def memory_table(results: dict[str, dict]) -> str:
                                                                           "forward_backward_peak")]
             lines.append(f"| {res['layout']} | {rank} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "cpu_demo.yaml")
+
+LAYOUTS = {
+    "dp4": "parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=1",
+    "tp2dp2": "parallel.tensor_model_parallel_size=2,parallel.pipeline_model_parallel_size=1",
+    "tp2pp2": "parallel.tensor_model_parallel_size=2,parallel.pipeline_model_parallel_size=2",
+    "pp2dp2": "parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=2",
+}
+"""Layouts of 4 ranks the agreement check runs (name: comma-separated overrides)."""
+
+
+def demo_overrides(demo_dir: str) -> list[str]:
+    """A short step of the CPU demo: 2 optimizer steps of 2 prompts x 4 samples, micro-batches of 2,
+    every group learnt from (no dynamic sampling, so the step always has an update)."""
+    return [f"model.path={demo_dir}/model", f"data.train_path={demo_dir}/train.jsonl", "data.val_path=null",
+            "validation.every_steps=0", "trainer.prompts_per_step=4", "trainer.prompts_per_minibatch=2",
+            "trainer.micro_batch_size=2", "rollout.n_samples_per_prompt=4", "rollout.dynamic_sampling=false"]
+
+
+def run_layouts(demo_dir: str, out_dir: str, layouts: dict[str, str], recipe: str = RECIPE, nproc: int = 4,
+                timeout: float = 900, extra: list[str] = ()) -> dict[str, dict]:
+    """One torchrun launch training every layout for one profiled step, then the comparison of each."""
+    import subprocess
+    import sys
+
+    common = [*demo_overrides(demo_dir), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "erc_megatron.testing.plan_check", "--recipe", recipe, "--out", out_dir,
+           *[f"--layout={name}:{spec}" for name, spec in layouts.items()], *common]
+    log = os.path.join(out_dir, "launch.log")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(log, "wb") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode:
+        with open(log, errors="replace") as f:
+            raise RuntimeError(f"plan_check launch failed (rc {proc.returncode}):\n{f.read()[-6000:]}")
+    return {name: compare_layout(recipe, common + [o for o in spec.split(",") if o], os.path.join(out_dir, name), nproc)
+            for name, spec in layouts.items()}
