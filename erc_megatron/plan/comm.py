@@ -235,7 +235,7 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
             "buckets": sync_buckets(params, work.weight_sync_bucket_bytes, e),
         })
 
-    for rank in range(layout.world):
+    def one_rank(rank: int) -> None:
         tp_rank, dp_rank, stage = rank_coords(rank, layout)
         first, last = stage == 0, stage == pp - 1
         layers = list(stage_layers(arch, pp, stage))
@@ -358,6 +358,9 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                 for b in st["buckets"]:
                     add(rank, "weight_sync", "weight-sync", "broadcast", b)
         add(rank, "weight_sync", "world", "broadcast_object", 200)
+
+    for rank in range(layout.world):
+        one_rank(rank)
     return [Event(k[0], k[1], k[2], k[3], v[0], v[1]) for k, v in sorted(acc.items())]
 
 

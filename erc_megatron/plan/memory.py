@@ -75,7 +75,8 @@ def model_state_bytes(arch: Arch, layout: Layout, work: Workload, stage: int,
     else:
         opt = (dense + expert) * per
     # the gradient buffer holds the padding too (distributed optimizer)
-    grads = sum(grad_buffer_numel(g, layout.distopt, size) for g, size in ((dense_p, layout.dp), (expert_p, layout.edp)))
+    grads = sum(grad_buffer_numel(g, layout.distopt, size)
+                for g, size in ((dense_p, layout.dp), (expert_p, layout.edp)))
     return (dense + expert) * work.param_bytes, grads * GRAD_BYTES, opt
 
 

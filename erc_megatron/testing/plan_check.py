@@ -22,8 +22,8 @@ def _state_bytes(learner) -> dict[str, int]:
     import torch
 
     params = sum(p.numel() * p.element_size() for p in learner.model.parameters())
-    grads = sum(buf.grad_data.numel() * buf.grad_data.element_size()
-                for buf in getattr(learner.model, "buffers", []) + getattr(learner.model, "expert_parallel_buffers", []))
+    buffers = list(getattr(learner.model, "buffers", [])) + list(getattr(learner.model, "expert_parallel_buffers", []))
+    grads = sum(buf.grad_data.numel() * buf.grad_data.element_size() for buf in buffers)
     seen: set[int] = set()
     optim = 0
     opts = getattr(learner.optimizer, "chained_optimizers", None) or [learner.optimizer]
@@ -155,7 +155,7 @@ def agreement_table(results: dict[str, dict]) -> str:
     """Markdown: per layout and group, predicted vs measured bytes (all ranks, one step) and calls."""
     lines = ["| layout | group | predicted bytes | measured bytes | ratio | predicted calls | measured calls |",
              "|---|---|---|---|---|---|---|"]
-    for name, res in results.items():
+    for res in results.values():
         for role, v in res["roles"].items():
             ratio = v["predicted_bytes"] / v["measured_bytes"] if v["measured_bytes"] else float("nan")
             mark = " (estimate)" if v["estimate"] else ""
