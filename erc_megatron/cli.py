@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "make-demo-model": ("erc_megatron.data.demo_model", "create the tiny CPU demo model, tokenizer and dataset"),
     "convert": ("erc_megatron.weights.convert_cli", "convert Hugging Face <-> Megatron checkpoints"),
     "profile-comm": ("erc_megatron.comm.report", "re-render a run's communication profile (table, PNG, trace)"),
+    "plan": ("erc_megatron.plan.cli", "predict per-rank memory and per-step collectives; list the layouts that fit"),
 }
 
 
