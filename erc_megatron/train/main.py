@@ -156,7 +156,7 @@ def train(cfg) -> dict:
         sync = WeightSync(learner, model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20,
                           mode=cfg.rollout.weight_sync_mode)
         profiler = start_comm_profiler(run_dir, cfg.trainer.profile_comm, cfg.trainer.profile_steps, cfg.trainer.steps,
-                                       extra_roles={sync.group_name: "weight-sync"}, say=_say)
+                                       extra_roles=dict.fromkeys(sync.group_names, "weight-sync"), say=_say)
         # the servers load model.path; after a resume they must get the learner's weights first
         if ckpt is not None:
             sync.sync(weight_version)
