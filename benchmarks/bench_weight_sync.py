@@ -7,24 +7,29 @@
 One run: a randomly initialised Hugging Face Qwen2 (tied embeddings; ~65M parameters with the
 defaults) is written to a temp dir (or --model-path is used); global rank 0 starts ONE embedded
 rollout server process on it; a megatron-core GPTModel at TP x PP (gloo) plays the learner. Per
-bucket size, on the same weight-update group (rank 0 + the server), each after one warm-up:
+bucket size, each after one warm-up:
 
-  sync     `WeightSync.sync`, collective over every learner rank, end to end: pause/flush,
-           TP all-gathers per stage, HF conversion, later stages' buckets to rank 0, per bucket
-           one POST /update_weights_from_distributed + one flat broadcast, the server's
-           validation and copy into its model, continue, the outcome broadcast;
-  stream   `iter_hf_weights(destination="rank0")` alone (the learner-side part of a sync);
-  plain    the transport floor: rank 0 broadcasts, over the same group to the same server, the
-           same bytes in the same bucket sizes, prepared in advance. The server receives a
-           broadcast only inside /update_weights_from_distributed, so each bucket is announced
-           as ONE uint8 tensor under a name the model does not have: the server receives it and
-           then refuses to apply it (an HTTP round trip + the broadcast + one server-side copy);
+  sync     `WeightSync.sync`, collective over every learner rank, end to end: pause/flush, then
+           each pipeline stage's sender (TP rank 0) at once over its own weight-update group: TP
+           gathers of its stage, HF conversion, per bucket one POST
+           /update_weights_from_distributed + one flat broadcast, the server's validation and
+           staging; then the outcome exchange, the commit (/flush_cache: the server puts every
+           staged tensor into its model; /update_weight_version), continue, the outcome broadcast;
+  stream   `iter_hf_weights(destination="stage")` alone (the learner-side part of a sync);
+  plain    the transport floor: rank 0 broadcasts, over stage 0's group to the same server, ALL
+           the sync's bytes in the same bucket sizes, prepared in advance, from one rank (the
+           sync sends from one rank per stage). The server receives a broadcast only inside
+           /update_weights_from_distributed, so each bucket is announced as ONE uint8 tensor
+           under a name the model does not have: the server receives it and then refuses to
+           apply it (an HTTP round trip + the broadcast, as for each bucket of a sync);
   flat     the same floor with ONE broadcast of all bytes;
   tensor   colocated mode, `WeightSync(mode="tensor")` end to end: the same gathers, then each bucket
            copied into shared memory and POSTed to /update_weights_from_tensor (handles only).
 
 Wall times are medians over --repeats, taken on rank 0 between a barrier and the end of the
-collective. MB/s = bytes / seconds (MB = 2**20 bytes). Numbers on a shared CPU box are noisy.
+collective. MB/s = bytes / seconds (MB = 2**20 bytes). Numbers on a shared CPU box are noisy:
+the 1-, 5- and 15-minute load averages are printed before and after (every learner rank and the
+server need a core of their own for the figures to mean anything).
 """
 from __future__ import annotations
 
@@ -128,7 +133,7 @@ def run(rank: int, args, path: str) -> None:
                 waits.append(sync.last_gather_wait_s)
 
             def stream():
-                for bucket in iter_hf_weights(learner.model, cfg, bucket_bytes, dtype=wire, destination="rank0"):
+                for bucket in iter_hf_weights(learner.model, cfg, bucket_bytes, dtype=wire, destination="stage"):
                     flatten_tensors([t for _, t in bucket])  # what a sync sends
 
             one_sync()  # warm-up, and builds the group
@@ -201,11 +206,18 @@ def _print_table(rows: list[dict], args, cfg) -> None:
               f"{rate(n, r['flat']):>7.1f} | {r['sync'] / r['plain']:>10.2f} {r['sync'] / r['flat']:>9.2f} | "
               f"{r['tensor']:>8.3f}")
     best = min(r["sync"] / r["plain"] for r in rows)
-    floor = args.project_params * 2 / (args.project_gbps / 8 * 1e9 * args.project_efficiency)
-    print(f"wait s: rank 0's wait for the next bucket's gather inside a sync (what the overlap did not hide).\n"
-          f"Projection, {args.project_params / 1e9:g}B parameters in bf16 ({args.project_params * 2 / 1e9:g} GB) from "
-          f"one sender NIC of {args.project_gbps:g} Gb/s at {args.project_efficiency:.0%} efficiency: broadcast "
-          f"floor {floor:.2f} s; x the best sync/plain here ({best:.2f}) = {floor * best:.2f} s", flush=True)
+    nbytes = args.project_params * 2
+    nic = args.project_gbps / 8 * 1e9 * args.project_efficiency  # bytes/s of one NIC
+    print(f"wait s: the slowest sender's wait for its next bucket's gather inside a sync (what the overlap did "
+          f"not hide).\nProjection, {args.project_params / 1e9:g}B parameters in bf16 ({nbytes / 1e9:g} GB), each "
+          f"sender GPU with its own {args.project_gbps:g} Gb/s NIC at {args.project_efficiency:.0%} efficiency, "
+          f"{args.project_nics} NICs per node (the servers' node receives at most that many streams at once):")
+    for stages in sorted({1, 2, 4, args.project_nics}):
+        floor = nbytes / (min(stages, args.project_nics) * nic)
+        print(f"  PP{stages}: {stages} sender(s), broadcast floor {floor:.2f} s; x the best sync/plain here "
+              f"({best:.2f}) = {floor * best:.2f} s")
+    print("load averages (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in args.load_before) +
+          ", after " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs", flush=True)
 
 
 def _spawned(rank: int, world: int, port: int, args, path: str) -> None:
@@ -239,7 +251,9 @@ def main(argv=None) -> None:
     p.add_argument("--project-params", type=float, default=30e9, help="model size for the printed projection")
     p.add_argument("--project-gbps", type=float, default=400, help="sender NIC speed for the projection (Gb/s)")
     p.add_argument("--project-efficiency", type=float, default=0.9, help="achieved fraction of the NIC speed")
+    p.add_argument("--project-nics", type=int, default=8, help="NICs per node for the projection")
     args = p.parse_args(argv)
+    args.load_before = os.getloadavg()
     if args.layers % args.pp:
         p.error(f"--layers {args.layers} must be a multiple of --pp {args.pp}")
     if args.repeats < 1:

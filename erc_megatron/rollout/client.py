@@ -73,6 +73,7 @@ class SGLangClient:
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
         self.backoff = backoff
+        self.api_key = api_key
         self._session = requests.Session()
         if api_key:  # SGLang's --api-key
             self._session.headers["Authorization"] = f"Bearer {api_key}"
@@ -112,6 +113,12 @@ class SGLangClient:
                 chunks.append((url, lo, lo + size))
                 lo += size
         return chunks
+
+    def settings(self, urls: list[str] | None = None) -> dict:
+        """Keyword arguments for an equal client on another learner rank (a pipeline stage's weight sender)."""
+        return {"urls": list(urls if urls is not None else self.urls), "timeout": self.timeout,
+                "max_retries": self.max_retries, "backoff": self.backoff, "connect_timeout": self.connect_timeout,
+                "api_key": self.api_key}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -284,6 +291,12 @@ class SGLangClient:
         payload = {"model_path": model_path, "load_format": load_format, "weight_version": weight_version,
                    "flush_cache": flush_cache, "abort_all_requests": abort_all_requests}
         return self._on_all(lambda url: self._update(url, "/update_weights_from_disk", payload, retry=True), urls)
+
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = False,
+                              urls: list[str] | None = None) -> None:
+        """SGLang's /update_weight_version: the version alone, after every bucket of an update arrived."""
+        payload = {"new_version": new_version, "abort_all_requests": abort_all_requests}
+        self._on_all(lambda url: self._update(url, "/update_weight_version", payload, retry=True), urls)
 
     def release_memory_occupation(self, tags: list[str] | None = None, urls: list[str] | None = None) -> None:
         """Colocated mode: the servers give up their weights / KV cache ("weights", "kv_cache"; None: all)."""

@@ -218,13 +218,23 @@ class WeightUpdater:
         return True, f"Succeeded to update parameter online ({applied} tensors applied)."
 
     def commit_staged(self) -> int:
-        """Copy every staged tensor into the model at once; returns how many."""
+        """Put every staged tensor into the model at once, between two engine steps; returns how many.
+
+        A staged tensor of the weight's dtype, shape and device becomes the weight's storage (its
+        received buffer is nobody else's), so an update costs no second copy of the model; others
+        (a cast, e.g. bfloat16 on the wire into float32 weights) are copied in.
+        """
         with self._staged_lock:
             staged, self._staged = self._staged, {}
         if staged:
             with self.engine.exclusive(), torch.no_grad():
                 for name, tensor in staged.items():
-                    self._targets[name].data.copy_(tensor)
+                    target = self._targets[name]
+                    if tensor.dtype == target.dtype and tensor.shape == target.shape \
+                            and tensor.device == target.device:
+                        target.data = tensor
+                    else:
+                        target.data.copy_(tensor)
         return len(staged)
 
     def drop_staged(self, why: str) -> int:

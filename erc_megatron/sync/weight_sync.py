@@ -1,25 +1,41 @@
 """Learner -> rollout servers weight sync over SGLang's own weight-update API.
 
-Set-up (once, lazily, and again after a failed attempt): rank 0 asks every server to drop a group
-of the same name left over from an earlier learner process (a restart or resume), picks a free
-port, creates its end of a process group named `weight_update_group` exactly as SGLang's server
-side does (erc_megatron.patches.custom_process_group) while POSTing /init_weights_update_group to
-every server concurrently (both sides block in the rendezvous; a server that refuses fails the
-attempt at once with its own message). World size = 1 + the GPUs of all servers; each server's
+One sender per pipeline stage: tensor-parallel rank 0 of data-parallel replica 0 of each stage
+sends that stage's weights over a weight-update group of its own (`group_name` for stage 0,
+`group_name`_pp{s} for stage s; SGLang keeps groups by name, as slime uses them), so no weight
+crosses the pipeline before it is sent, and the stages send at the same time.
+
+Set-up (once per sender, lazily, and again after a failed attempt): the sender asks every server
+to drop a group of that name left over from an earlier learner process (a restart or resume),
+picks a free port, creates its end of the group exactly as SGLang's server side does
+(erc_megatron.patches.custom_process_group) while POSTing /init_weights_update_group to every
+server concurrently (both sides block in the rendezvous; a server that refuses fails the attempt
+at once with its own message). World size = 1 + the GPUs of all servers; each server's
 rank_offset = 1 + the GPUs of the servers before it.
 
 Each sync (collective over every learner rank):
-    rank 0: POST /pause_generation, /flush_cache
-    all ranks: iter_hf_weights(destination="rank0") gathers TP shards per stage, converts to HF names
-        and moves each later stage's buckets to rank 0
-    rank 0, per bucket: POST /update_weights_from_distributed (names, dtypes, shapes,
-        load_format="flattened_bucket") to every server from threads, broadcast ONE flat buffer
-        from group rank 0, check every answer; `weight_version` goes with the last bucket only,
-        so a server reports the new version only once it has every tensor
-    rank 0: POST /continue_generation
-    all ranks: one tiny broadcast of the outcome (with the error and the server URLs); a failed
-        attempt (any server error) is redone as a whole, up to `max_attempts`, so an update is
-        never left half-applied; then every rank raises the same RuntimeError.
+    rank 0: POST /pause_generation, /flush_cache; one small broadcast gives every sender the
+        servers in rotation and rank 0's client settings (a non-zero sender builds its own client)
+    all ranks: iter_hf_weights(destination="stage"): TP shards gathered per stage, HF names
+    each stage's sender, per bucket (the next bucket gathered in a background thread meanwhile):
+        POST /update_weights_from_distributed (names, dtypes, shapes, load_format="flattened_bucket",
+        flush_cache=false, no weight_version) to every server from threads, broadcast ONE flat
+        buffer over its stage's group, check every answer
+    all ranks: every sender's outcome to every rank (one all_gather_object)
+    rank 0, the commit, only once every stage's buckets arrived: POST /flush_cache (the embedded
+        server applies everything it staged, between two engine steps), /update_weight_version,
+        /continue_generation. After a failure instead: every stage's group is torn down on the
+        servers (the embedded server drops what it staged: all old weights) before generation
+        continues, and the attempt is redone as a whole up to `max_attempts`; generation stays
+        paused between attempts.
+    all ranks: one tiny broadcast of the outcome (with the error and the server URLs); after the
+        last failed attempt every rank raises the same RuntimeError.
+
+The weights an SGLang server serves are all old or all new: it applies each bucket when it
+arrives, but generation is paused from before the first bucket until after the last one, and
+`weight_version` changes only after every stage's buckets arrived. A sync that fails for good
+leaves an SGLang server with some buckets applied and the old version (said in the error); the
+embedded server keeps all old weights.
 """
 from __future__ import annotations
 
@@ -189,10 +205,14 @@ SYNC_MODES = ("distributed", "tensor")
 class WeightSync:
     """Call `sync(version)` on every learner rank after each update.
 
-    mode "distributed": the broadcast described above. mode "tensor" (colocated: the servers run on
-    rank 0's machine): no group; each bucket is copied into one reused shared-memory buffer and
-    POSTed to /update_weights_from_tensor as SGLang's serialized named tensors (one entry per
-    server TP rank), flush_cache=false but for the last, so the embedded server applies all at once.
+    mode "distributed": the per-stage broadcasts described above. mode "tensor" (colocated: the
+    servers run on rank 0's machine): no group; every stage's buckets go to rank 0, each is copied
+    into one reused shared-memory buffer and POSTed to /update_weights_from_tensor as SGLang's
+    serialized named tensors (one entry per server TP rank), flush_cache=false but for the last, so
+    the embedded server applies all at once.
+
+    `client` is rank 0's (None elsewhere); the other stages' senders build equal clients from its
+    settings.
     """
 
     def __init__(self, learner, model_cfg, client, bucket_bytes: int, group_name: str = "weight_update_group",
@@ -212,24 +232,37 @@ class WeightSync:
         self.bucket_bytes, self.group_name = bucket_bytes, group_name
         self.max_attempts, self.dtype = max_attempts, dtype
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.group = None
+        self.group = None  # this rank's weight-update group (a stage sender's), or None
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.last_bytes = 0
-        self._urls: list[str] = []  # the servers in the current weight-update group
+        """Bytes every sender together sent in the last sync."""
+        self._urls: list[str] = []  # the servers in this rank's current weight-update group
+        self._http = client  # the client this rank sends with (rank 0's, or a stage sender's own)
+        self._group_name: str | None = None  # the name of self.group
         self.last_gather_wait_s = 0.0
-        """Seconds rank 0 waited for the next bucket to be gathered in the last sync (not hidden by overlap)."""
+        """Seconds the slowest sender waited for its next bucket's gather in the last sync (not hidden by overlap)."""
         self.timeout_s = timeout_s
 
-    # ------------------------------------------------------------------ set-up (rank 0)
+    @property
+    def group_names(self) -> list[str]:
+        """One weight-update group per pipeline stage: stage 0's is `group_name`, stage s's `group_name`_pp{s}."""
+        from megatron.core import parallel_state as ps
+
+        return [self._stage_group_name(s) for s in range(ps.get_pipeline_model_parallel_world_size())]
+
+    def _stage_group_name(self, stage: int) -> str:
+        return self.group_name if stage == 0 else f"{self.group_name}_pp{stage}"
+
+    # ------------------------------------------------------------------ set-up (each stage's sender)
     def _server_gpus(self) -> list[int]:
-        info = self.client.get_server_info()
+        info = self._http.get_server_info()
         return [int(info[u].get("tp_size", 1) or 1) * int(info[u].get("dp_size", 1) or 1) for u in self._urls]
 
-    def _connect(self) -> None:
+    def _connect(self, urls: list[str], group_name: str) -> None:
         from erc_megatron.patches.custom_process_group import init_custom_process_group
         from erc_megatron.rollout.client import SGLangError
 
-        self._urls = self.client.live_urls
+        self._urls = list(urls)
         gpus = self._server_gpus()
         world = 1 + sum(gpus)
         addr, port = _local_address(self._urls), _free_port()
@@ -237,32 +270,172 @@ class WeightSync:
         # new one of the same name: clear it first; "does not exist" is the normal answer.
         for url in self._urls:
             try:
-                self.client.destroy_weights_update_group(url, self.group_name)
+                self._http.destroy_weights_update_group(url, group_name)
             except SGLangError:
                 pass
         futures = []
         offset = 1
         for url, n in zip(self._urls, gpus):
-            futures.append(self.client.submit(self.client.init_weights_update_group, url, addr, port, offset, world,
-                                              self.group_name, self.backend))
+            futures.append(self._http.submit(self._http.init_weights_update_group, url, addr, port, offset, world,
+                                             group_name, self.backend))
             offset += n
         # Join from a thread so that a server refusing to join fails this attempt at once with its own
         # message, instead of after timeout_s in the rendezvous (which that thread then waits out).
         joined = _in_daemon_thread(init_custom_process_group, self.backend, f"tcp://{addr}:{port}", world, 0,
-                                   self.group_name, timeout=datetime.timedelta(seconds=self.timeout_s))
+                                   group_name, timeout=datetime.timedelta(seconds=self.timeout_s))
         wait([joined, *futures], return_when=FIRST_EXCEPTION)
         for f in futures:
             if f.done() and f.exception() is not None:
                 raise f.exception()
         self.group = joined.result()
+        self._group_name = group_name
         for f in futures:
             f.result()
         log.info("weight update group %s: %d servers, world %d via %s:%d",
-                 self.group_name, len(gpus), world, addr, port)
+                 group_name, len(gpus), world, addr, port)
 
-    # ------------------------------------------------------------------ one attempt
-    def _attempt(self, version: int) -> tuple[bool, str, bool]:
-        """One whole update; returns (ok, error, worth retrying)."""
+    def _sender_client(self, settings: dict):
+        """Rank 0 sends with its own client; another stage's sender with one built from rank 0's settings."""
+        from erc_megatron.rollout.client import SGLangClient
+
+        if self.rank == 0:
+            return self.client
+        if self._http is None or self._http.settings() != settings:
+            if self._http is not None:
+                self._http.close()
+            self._http = SGLangClient(**settings)
+        return self._http
+
+    # ------------------------------------------------------------------ one attempt, distributed
+    def _attempt_distributed(self, version: int, final: bool) -> tuple[bool, str, bool]:
+        """One whole update from every stage's sender at once; returns (ok, error, worth retrying) on rank 0."""
+        from erc_megatron.weights.hf_stream import is_bucket_receiver, iter_hf_weights, plan_hf_buckets
+        from megatron.core import parallel_state as ps
+
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        sender = is_bucket_receiver("stage")
+        # 1. rank 0 pauses the servers; every sender learns which servers are in rotation and how to reach them
+        start: list = [None]
+        if self.rank == 0:
+            try:
+                self.client.pause_generation()
+                self.client.flush_cache()
+                start = [("", self.client.live_urls, self.client.settings())]
+            except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
+                self._retire_if_gone(exc)
+                start = [(f"{type(exc).__name__}: {exc}", self.client.live_urls, None)]
+        if multi:
+            dist.broadcast_object_list(start, src=0)
+        error, urls, settings = start[0]
+        ok, retry, gone, sent, waited = not error, True, [], 0, 0.0
+        # 2. each stage's sender gathers its own stage and broadcasts it over its own group; nothing
+        # crosses the pipeline. Every bucket is staged (flush_cache=false, no version): see the commit below.
+        if sender and ok:
+            try:
+                self._http = self._sender_client(settings)
+                name = self._stage_group_name(stage)
+                if self.group is not None and (self._urls != urls or self._group_name != name):
+                    self._reset_group()  # a server left the rotation: the group is rebuilt without it
+                if self.group is None:
+                    self._connect(urls, name)
+            except Exception as exc:  # noqa: BLE001
+                ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
+                gone += self._gone(exc)
+        # Every group is joined before any bucket goes out: a server drops what it staged when a
+        # group (re)joins, which must not be another stage's first buckets.
+        send = ok
+        if multi and not start[0][0]:  # the same on every rank
+            joined = [None] * dist.get_world_size()
+            dist.all_gather_object(joined, ok)
+            send = ok and all(joined)
+        buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
+                                  destination="stage")
+        if sender:
+            total = len(plan_hf_buckets(self.model_cfg, stages, self.bucket_bytes, self.dtype)[stage])
+            prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
+            index = 0
+            for names, dtypes, shapes, flat, ready in prefetch:
+                index += 1
+                if not (ok and send):
+                    continue  # the rest is still gathered: the TP peers take part in those collectives
+                try:
+                    if ready is not None:  # gathered on the producer's CUDA stream
+                        torch.cuda.current_stream().wait_event(ready)
+                        flat.record_stream(torch.cuda.current_stream())
+                    self._send_bucket(names, dtypes, shapes, flat)
+                    sent += flat.numel()
+                except Exception as exc:  # noqa: BLE001
+                    ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
+                    gone += self._gone(exc)
+            waited = prefetch.waited_s
+            try:
+                prefetch.join()
+                if ok and send and index != total:
+                    raise RuntimeError(f"stage {stage} produced {index} buckets, the plan has {total}")
+            except Exception as exc:  # noqa: BLE001
+                ok, error = False, error or f"{type(exc).__name__}: {exc}"
+        else:
+            for _ in buckets:  # only the TP gathers
+                pass
+        # 3. every sender's outcome, to every rank
+        mine = (stage, ok, error, retry, gone, sent, waited) if sender else None
+        outcomes = [mine]
+        if multi:
+            outcomes = [None] * dist.get_world_size()
+            dist.all_gather_object(outcomes, mine)
+        outcomes = [o for o in outcomes if o is not None]
+        failed = [o for o in outcomes if not o[1]]
+        ok = not start[0][0] and not failed
+        if not ok:  # the same message on every rank
+            error = start[0][0] or "; ".join(dict.fromkeys((f"stage {o[0]}: " if stages > 1 else "") + o[2]
+                                                           for o in failed))
+            retry = all(o[3] for o in failed)
+        self.last_bytes = sum(o[5] for o in outcomes)
+        self.last_gather_wait_s = max((o[6] for o in outcomes), default=0.0)
+        # After a failure the groups are torn down on the servers first: that also ends a broadcast
+        # still pending on an aborted group, which the learner side's teardown would otherwise wait out.
+        if self.rank != 0:
+            if not ok and self.group is not None:
+                self._reset_group()  # rank 0 tears every stage's group down on the servers too, below
+            return ok, error, retry
+        for url, why in (g for o in outcomes for g in o[4]):
+            self._mark_gone(url, why)
+        # 4. the commit, on rank 0 once every stage's buckets arrived. The embedded server applies every
+        # staged bucket at /flush_cache, between two engine steps; an SGLang server applied each at
+        # once, and generation stayed paused. The version changes only after that.
+        try:
+            if ok:
+                self.client.flush_cache()
+                self.client.update_weight_version(str(version), abort_all_requests=False, urls=urls)
+        except Exception as exc:  # noqa: BLE001
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+            self._retire_if_gone(exc)
+        if not ok:
+            # before generation continues: tearing every stage's group down makes the embedded
+            # server drop what it staged, so it keeps all old weights
+            self._destroy_server_groups(urls)
+            self._reset_group(on_servers=False)
+        if ok or final or not retry:
+            try:
+                self.client.continue_generation()
+            except Exception as exc:  # noqa: BLE001
+                ok, error = False, error or f"{type(exc).__name__}: {exc}"
+        return ok, error, retry
+
+    def _destroy_server_groups(self, urls: list[str]) -> None:
+        from erc_megatron.rollout.client import SGLangError
+
+        for url in urls:
+            for name in self.group_names:
+                try:
+                    self.client.destroy_weights_update_group(url, name)
+                except SGLangError:  # already gone ("does not exist"), or a dead server
+                    pass
+
+    # ------------------------------------------------------------------ one attempt, colocated
+    def _attempt_tensor(self, version: int) -> tuple[bool, str, bool]:
+        """One whole colocated update from rank 0; returns (ok, error, worth retrying) on rank 0."""
         from erc_megatron.weights.hf_stream import iter_hf_weights, plan_hf_buckets
         from megatron.core import parallel_state as ps
 
@@ -275,23 +448,14 @@ class WeightSync:
                 pass
             return True, "", True
         ok, error, retry, sent = True, "", True, 0
-        self.last_gather_wait_s = 0.0
         try:
-            if self.mode == "tensor":
-                self._urls = self.client.live_urls
-                self._tp_sizes = [int(self.client.get_server_info()[u].get("tp_size", 1) or 1) for u in self._urls]
-            elif self.group is not None and self._urls != self.client.live_urls:
-                self._reset_group()  # a server left the rotation: the group is rebuilt without it
-            if self.mode == "distributed" and self.group is None:
-                self._connect()
+            self._urls = self.client.live_urls
+            self._tp_sizes = [int(self.client.get_server_info()[u].get("tp_size", 1) or 1) for u in self._urls]
             self.client.pause_generation()
             self.client.flush_cache()
         except Exception as exc:  # noqa: BLE001 - reported and retried as a whole
             ok, error = False, f"{type(exc).__name__}: {exc}"
             self._retire_if_gone(exc)
-        # The next bucket is gathered (TP gathers, the hop from later stages, flattening) in a
-        # thread while this one is announced and broadcast; after a failure the rest are still
-        # gathered, because the other ranks take part in those collectives.
         prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
         index = 0
         for names, dtypes, shapes, flat, ready in prefetch:
@@ -299,12 +463,11 @@ class WeightSync:
             if not ok:
                 continue
             try:
-                if ready is not None:  # gathered on the producer's CUDA stream
+                if ready is not None:
                     torch.cuda.current_stream().wait_event(ready)
                     flat.record_stream(torch.cuda.current_stream())
                 last = index == total
-                send = self._send_tensor_bucket if self.mode == "tensor" else self._send_bucket
-                send(names, dtypes, shapes, flat, str(version) if last else None, last)
+                self._send_tensor_bucket(names, dtypes, shapes, flat, str(version) if last else None, last)
                 sent += flat.numel()
             except Exception as exc:  # noqa: BLE001
                 ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
@@ -317,11 +480,7 @@ class WeightSync:
         except Exception as exc:  # noqa: BLE001
             ok, error = False, error or f"{type(exc).__name__}: {exc}"
         if not ok:
-            # before generation continues: tearing the group down makes the embedded server drop the
-            # buckets it staged, so it keeps all old weights
-            self._reset_group()
-            if self.mode == "tensor":
-                self._drop_staged_tensors()
+            self._drop_staged_tensors()
         try:
             self.client.continue_generation()
         except Exception as exc:  # noqa: BLE001
@@ -329,16 +488,18 @@ class WeightSync:
         self.last_bytes = sent
         return ok, error, retry
 
-    def _send_bucket(self, names, dtypes, shapes, flat: torch.Tensor, version: str | None, last: bool) -> None:
-        """Announce one bucket to every server and broadcast it; a server's refusal ends it at once.
+    def _send_bucket(self, names, dtypes, shapes, flat: torch.Tensor) -> None:
+        """Announce one bucket (staged: flush_cache=false, no version) to every server and broadcast it;
+        a server's refusal ends it at once.
 
         A server may refuse before it receives anything (SGLang parses dtypes before its
         broadcast), which would leave this broadcast waiting for the group timeout: the answers
         are watched while it runs, and a refusal aborts the group, so the caller reports the
         server's message within seconds and the group is rebuilt for the next sync.
         """
-        futures = [self.client.submit(self.client.update_weights_from_distributed, url, names, dtypes, shapes,
-                                      self.group_name, version, "flattened_bucket", last)
+        http = self._http
+        futures = [http.submit(http.update_weights_from_distributed, url, names, dtypes, shapes,
+                               self._group_name, None, "flattened_bucket", False)
                    for url in self._urls]
         work = dist.broadcast(flat, src=0, group=self.group, async_op=True)
         deadline = time.monotonic() + self.timeout_s
@@ -386,14 +547,24 @@ class WeightSync:
             except Exception:  # noqa: BLE001 - the refusal is the point
                 pass
 
-    def _retire_if_gone(self, exc: BaseException) -> None:
-        """A server that cannot be reached (or answers 5xx) leaves the rotation while others remain;
-        the next attempt then updates the rest. The last server is never retired: its error is reported."""
+    @staticmethod
+    def _gone(exc: BaseException) -> list[tuple[str, str]]:
+        """[(url, why)] for a server that cannot be reached or answers 5xx; rank 0 decides on retiring it."""
         from erc_megatron.rollout.client import SGLangError
 
-        if isinstance(exc, SGLangError) and (exc.status is None or exc.status >= 500) \
-                and exc.url in self.client.urls and len(self.client.live_urls) > 1:
-            self.client.mark_dead(exc.url, f"weight sync: {exc.message}")
+        if isinstance(exc, SGLangError) and (exc.status is None or exc.status >= 500):
+            return [(exc.url, exc.message)]
+        return []
+
+    def _retire_if_gone(self, exc: BaseException) -> None:
+        for url, why in self._gone(exc):
+            self._mark_gone(url, why)
+
+    def _mark_gone(self, url: str, why: str) -> None:
+        """A gone server leaves the rotation while others remain; the next attempt then updates the
+        rest. The last server is never retired: its error is reported."""
+        if url in self.client.urls and len(self.client.live_urls) > 1:
+            self.client.mark_dead(url, f"weight sync: {why}")
 
     def _abort_group(self) -> None:
         from erc_megatron.patches.custom_process_group import abort_custom_process_group
@@ -405,12 +576,17 @@ class WeightSync:
         error, urls = "", []
         for attempt in range(1, self.max_attempts + 1):
             t0 = time.perf_counter()
-            ok, error, retry = self._attempt(version)
-            # rank 0 alone talks to the servers: every rank learns the outcome, the cause and the servers
+            if self.mode == "tensor":
+                ok, error, retry = self._attempt_tensor(version)
+            else:
+                ok, error, retry = self._attempt_distributed(version, final=attempt == self.max_attempts)
+            # rank 0 alone commits: every rank learns the outcome, the cause and the servers
             outcome = [(ok, error, retry, list(getattr(self.client, "urls", [])))]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast_object_list(outcome, src=0)
             ok, error, retry, urls = outcome[0]
+            if not ok and self.group is not None:
+                self._reset_group(on_servers=False)  # the commit failed; rank 0 tore the groups down on the servers
             if ok:
                 if self.rank == 0:
                     log.info("weight sync v%d: %.1f MB in %.2fs", version, self.last_bytes / 2**20,
@@ -420,7 +596,6 @@ class WeightSync:
                 log.warning("weight sync v%d attempt %d/%d failed: %s", version, attempt, self.max_attempts, error)
                 print(f"[erc-megatron] weight sync v{version} attempt {attempt}/{self.max_attempts} failed: {error}",
                       flush=True)
-                self._reset_group()
             if not retry:
                 raise RuntimeError(
                     f"weight sync v{version}: a rollout server of {urls} rejected a bucket, not retried: {error}. "
@@ -430,17 +605,18 @@ class WeightSync:
                            f"last error: {error}. The servers may hold partial weights (their weight_version "
                            "was not bumped)")
 
-    def _reset_group(self) -> None:
-        """After a failure the group may be broken: tear it down on both sides, rebuild next attempt."""
+    def _reset_group(self, on_servers: bool = True) -> None:
+        """After a failure the group may be broken: tear it down here (and on the servers), rebuild next attempt."""
         from erc_megatron.patches.custom_process_group import destroy_custom_process_group
 
         if self.group is None:
             return
-        for url in self._urls:
+        for url in self._urls if on_servers else ():
             try:
-                self.client.destroy_weights_update_group(url, self.group_name)
+                self._http.destroy_weights_update_group(url, self._group_name)
             except Exception as exc:  # noqa: BLE001 - a dead server cannot be told
-                log.warning("destroy_weights_update_group on %s: %s", url, exc)
+                if getattr(exc, "status", None) != 400:  # 400: already gone (rank 0 tears all groups down)
+                    log.warning("destroy_weights_update_group on %s: %s", url, exc)
         try:
             destroy_custom_process_group(self.group)
         except Exception:  # noqa: BLE001
@@ -448,5 +624,8 @@ class WeightSync:
         self.group = None
 
     def close(self) -> None:
-        if self.rank == 0 and self.group is not None:
+        if self.group is not None:
             self._reset_group()
+        if self.rank != 0 and self._http is not None:
+            self._http.close()
+            self._http = None

@@ -151,7 +151,7 @@ def start_rollout(run: Run, state: LoopState) -> None:
     run.sync = WeightSync(run.learner, run.model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20,
                           mode=cfg.rollout.weight_sync_mode)
     run.profiler = start_comm_profiler(cfg.trainer.run_dir, cfg.trainer.profile_comm, cfg.trainer.profile_steps,
-                                       cfg.trainer.steps, extra_roles={run.sync.group_name: "weight-sync"},
+                                       cfg.trainer.steps, extra_roles=dict.fromkeys(run.sync.group_names, "weight-sync"),
                                        say=console.say)
     if state.resumed_from is not None:
         run.sync.sync(state.weight_version)

@@ -5,17 +5,22 @@ embeddings, vocabulary not a multiple of 128) made here with transformers; rank 
 embedded rollout server process on the same checkpoint. The learner is then trained for real
 (Adam steps on an NLL loss over a batch that holds the probe), and `WeightSync.sync` must make
 the server's per-token log-probs of a fixed probe (prompt + continuation, temperature 1) equal the
-learner's `old_policy_pass` log-probs. Checked in order:
+learner's `old_policy_pass` log-probs. Every distributed sync here is the per-stage path: rank 0
+sends stage 0 over `weight_update_group`, rank 2 (TP rank 0 of stage 1) sends stage 1 over
+`weight_update_group_pp1` with a client of its own. Checked in order:
 
 1. after loading, server == learner; after training the learner moved far (so a stale server
-   is detectable) and the server did not; after `sync(1)` server == learner and the server
-   reports weight_version "1";
-2. a failure injected after the second bucket of the first attempt was delivered (several
-   buckets per sync): the sync is redone as a whole, ends with server == learner and version
-   "2", the version travels with the last bucket of the successful attempt only, and while
-   the server held partial weights it still reported the old version;
-   when every attempt fails: RuntimeError on every rank naming the server, version not bumped;
-   the next sync with the failures gone succeeds (the group is rebuilt);
+   is detectable) and the server did not; after `sync(1)` server == learner, the server
+   reports weight_version "1" and holds both stages' groups, ranks 0 and 2 are the senders and
+   together sent every planned byte;
+2. a failure injected after stage 0's second bucket of the first attempt was delivered (several
+   buckets per stage): the sync is redone as a whole (stage 0 resends every bucket), ends with
+   server == learner and version "2"; no bucket carries a version, /update_weight_version is
+   called once, after the buckets; while the server held partial weights it reported the old
+   version;
+   when every attempt fails (stage 1's sender, after its second bucket, while stage 0 delivered
+   all of its buckets): RuntimeError on every rank naming the server, the server keeps all old
+   weights and its version; the next sync with the failures gone succeeds (the groups are rebuilt);
    a restarted learner (the server still holds the old group of that name) syncs at once;
    a server rejecting a bucket (unknown name: after receiving it; unparseable dtype: before, so
    the learner's broadcast has no receiver) fails the sync within seconds, unretried, with the
@@ -39,8 +44,8 @@ TOL = 2e-5  # float32 learner (megatron, TP-split) vs float32 server (transforme
 MOVED = 0.05  # training must move some probe log-prob by at least this much
 BUCKET_BYTES = 40_000  # several buckets per sync for the model below
 FAIL_BOUND_S = 30.0  # failures must be reported well within the group timeout (60 s)
-TAGS = ("loaded", "trained", "synced", "retried", "recovered", "restarted", "bad_name", "bad_dtype", "after_rejects",
-        "colocated", "colocated_failed")
+TAGS = ("loaded", "trained", "synced", "retried", "all_failed", "recovered", "restarted", "bad_name", "bad_dtype",
+        "after_rejects", "colocated", "colocated_failed")
 
 HF_KW = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -204,7 +209,9 @@ def _worker(rank, world_size, path, seed, log_dir):
                 out[f"server/{tag}"], out[f"served_version/{tag}"] = _server_logprobs(client, probe)
                 out[f"version/{tag}"] = client.get_weight_version()[server.url]
 
-        out["plan"] = [[t.name for t in b] for stage in plan_hf_buckets(cfg, 2, BUCKET_BYTES) for b in stage]
+        plan = plan_hf_buckets(cfg, 2, BUCKET_BYTES)
+        out["plan"] = [[[t.name for t in b] for b in stage] for stage in plan]
+        out["plan_bytes"] = sum(t.numel * 4 for stage in plan for b in stage for t in b)  # float32
         sync = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, max_attempts=3, timeout_s=60)
 
         # 1. plain sync
@@ -213,38 +220,50 @@ def _worker(rank, world_size, path, seed, log_dir):
         record("trained")
         sync.sync(1)
         record("synced")
+        out["sender_group"] = sync._group_name if sync.group is not None else None
+        out["sent_bytes"] = sync.last_bytes
+        if rank == 0:
+            out["server_groups"] = client.get_server_info()[server.url]["internal_states"][0]["weight_update_groups"]
 
         # 2. the first attempt fails after two buckets were delivered and applied
         _train(learner, cfg, batch, steps=1)
         inject = _InjectFailures(client, lambda n: n == 2) if rank == 0 else None
         if rank == 0:
             client.update_weights_from_distributed = inject
+            set_version = client.update_weight_version
+
+            def record_version(new_version, *args, **kwargs):
+                inject.calls.append(("update_weight_version", new_version, ()))
+                return set_version(new_version, *args, **kwargs)
+            client.update_weight_version = record_version
         sync.sync(2)
         record("retried")
         if rank == 0:
             inject.remove()
+            client.update_weight_version = set_version
             out["retry_calls"], out["retry_version_at_failure"] = inject.calls, inject.version_at_failure
 
-        # 2b. every attempt fails (after its second bucket): an error everywhere, version kept
+        # 2b. every attempt fails on stage 1's sender (after its second bucket) while stage 0 delivers
+        # all of its buckets: an error everywhere, all old weights and the old version kept
         _train(learner, cfg, batch, steps=1)
-        inject = _InjectFailures(client, lambda n: n % 2 == 0) if rank == 0 else None
-        if rank == 0:
-            client.update_weights_from_distributed = inject
+        inject = _InjectFailures(sync._http, lambda n: n % 2 == 0) if rank == 2 else None
+        if rank == 2:
+            sync._http.update_weights_from_distributed = inject
         try:
             sync.sync(3)
             out["all_failed_error"] = None
         except RuntimeError as exc:
             out["all_failed_error"] = str(exc)
-        if rank == 0:
+        if rank == 2:
             inject.remove()
             out["all_failed_calls"], out["all_failed_version_at_failure"] = inject.calls, inject.version_at_failure
-            out["version/all_failed"] = client.get_weight_version()[server.url]
+        record("all_failed")
         sync.sync(3)  # the failures are gone: the group is rebuilt and the update lands
         record("recovered")
 
         # 2c. a restarted learner: the server still holds the old learner's group of the same name
         _train(learner, cfg, batch, steps=1)
-        if rank == 0:
+        if sync.group is not None:
             destroy_custom_process_group(sync.group)  # the learner side only, as if its process had died
         sync = WeightSync(learner, cfg, client, bucket_bytes=BUCKET_BYTES, max_attempts=3, timeout_s=60)
         started = time.monotonic()
@@ -364,8 +383,9 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     learner = {tag: last[0][f"learner/{tag}"] for tag in TAGS}
     server = {tag: r0[f"server/{tag}"] for tag in learner}
     what = f"seed {seed}"
+    failed = ("trained", "all_failed", "bad_name", "bad_dtype", "colocated_failed")
     print(f"{what}: |server - learner| after syncs "
-          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t not in ('trained', 'bad_name', 'bad_dtype', 'colocated_failed')):.1e}, before "
+          f"{max(_max_diff(server[t], learner[t]) for t in TAGS if t not in failed):.1e}, before "
           f"{_max_diff(server['trained'], learner['trained']):.2f}; restarted learner {r0['restarted_s']:.1f}s, "
           f"refused join {r0['refused_s']:.1f}s, dead server {r0['unreachable_s']:.1f}s, rejected bucket "
           f"{r0['bad_name_s']:.1f}s (before receiving {r0['bad_dtype_s']:.1f}s)")
@@ -379,18 +399,23 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
     assert _max_diff(server["synced"], learner["synced"]) <= TOL, f"{what}: server != learner after sync"
     assert (r0["version/loaded"], r0["version/trained"], r0["version/synced"]) == ("default", "default", "1")
     assert r0["served_version/synced"] == "1"
+    # the per-stage path: one sender per stage, each over its own group, nothing through rank 0
+    assert [r["sender_group"] for r in results] == ["weight_update_group", None, "weight_update_group_pp1", None]
+    assert r0["server_groups"] == ["weight_update_group", "weight_update_group_pp1"]
+    assert all(r["sent_bytes"] == r0["plan_bytes"] for r in results), [r["sent_bytes"] for r in results]
 
     # 2. failure after delivered buckets: redone as a whole, version bumped by the last bucket only
-    plan = r0["plan"]
-    n = len(plan)
-    assert n >= 4, f"only {n} buckets: the failure would not land mid-update"
+    plan0, plan1 = r0["plan"]
+    n = len(plan0)
+    assert n >= 4 and len(plan1) >= 4, f"{n}, {len(plan1)} buckets: the failures would not land mid-update"
     assert _max_diff(learner["retried"], learner["synced"]) >= MOVED, what
     assert _max_diff(server["retried"], learner["retried"]) <= TOL, f"{what}: server != learner after a retry"
     assert r0["version/retried"] == "2"
-    calls = r0["retry_calls"]
+    calls, version_call = r0["retry_calls"][:-1], r0["retry_calls"][-1]
     assert [c[0] for c in calls] == list(range(1, n + 3)), calls  # 2 calls, then a whole attempt
-    assert [list(c[2]) for c in calls] == plan[:2] + plan, "the retry must resend every bucket, in plan order"
-    assert [c[1] for c in calls] == [None] * (n + 1) + ["2"], "weight_version must go with the last bucket only"
+    assert [list(c[2]) for c in calls] == plan0[:2] + plan0, "the retry must resend stage 0's buckets, in order"
+    assert [c[1] for c in calls] == [None] * (n + 2), "no bucket may carry the version"
+    assert version_call == ("update_weight_version", "2", ()), "the version is set once, after every bucket"
     assert r0["retry_version_at_failure"] == ["1"], "partial weights were reported as the new version"
 
     # 2b. every attempt fails: the same error on every rank, naming the server; nothing bumped
@@ -399,9 +424,12 @@ def test_weight_sync_tp2pp2_to_embedded_server(tmp_path):
         assert r["all_failed_error"] is not None, f"rank {r['rank']}: sync did not raise"
         assert url in r["all_failed_error"] and "3 times" in r["all_failed_error"], r["all_failed_error"]
         assert "injected failure" in r["all_failed_error"], r["all_failed_error"]  # the cause is named
-    assert len(r0["all_failed_calls"]) == 6 and all(c[1] is None for c in r0["all_failed_calls"])
-    assert r0["all_failed_version_at_failure"] == ["2"] * 3
+    r2 = results[2]
+    assert [list(c[2]) for c in r2["all_failed_calls"]] == plan1[:2] * 3, r2["all_failed_calls"]
+    assert r2["all_failed_version_at_failure"] == ["2"] * 3
     assert r0["version/all_failed"] == "2", "a failed sync bumped the version"
+    assert server["all_failed"] == server["retried"], "a failed sync left the server with some of its buckets"
+    assert _max_diff(learner["all_failed"], learner["retried"]) >= MOVED, what
     assert _max_diff(server["recovered"], learner["recovered"]) <= TOL, f"{what}: no recovery after a failed sync"
     assert r0["version/recovered"] == "3"
 
