@@ -97,9 +97,10 @@ def train(cfg) -> dict:
     from erc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from erc_megatron.train.learner import build_learner
     from erc_megatron.train.metrics_log import MetricsLogger, progress_line
-    from erc_megatron.train.minibatch import split_minibatches, step_seq_length
+    from erc_megatron.train.minibatch import build_minibatches
+    from erc_megatron.train.rollout_share import rollout_share
     from erc_megatron.train.step import old_policy_pass
-    from erc_megatron.train.update import minibatch_denominators, update_policy
+    from erc_megatron.train.update import update_policy
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
@@ -161,16 +162,16 @@ def train(cfg) -> dict:
         if ckpt is not None:
             sync.sync(weight_version)
         dp = ps.get_data_parallel_world_size()
+        sharer = rollout_share(cfg.trainer, ps.get_data_parallel_rank(), dp)
         _say(f"training steps {start_step + 1}..{cfg.trainer.steps} ({launch.world_size} ranks started by "
              f"{launch.launcher}, rendezvous {launch.master_addr}:{launch.master_port})")
         every = cfg.validation.every_steps
 
-        def learn(groups, metrics: dict[str, float], weight_version: int) -> int:
+        def learn(share, metrics: dict[str, float], weight_version: int) -> int:
             """Old-policy pass -> mini-batch updates -> weight sync; adds their metrics, returns the new version."""
             t0 = time.perf_counter()
-            seq_len = step_seq_length(groups)
-            minibatches = split_minibatches(groups, cfg.trainer.prompts_per_minibatch, ps.get_data_parallel_rank(),
-                                            dp, cfg.trainer.micro_batch_size, pad_id, seq_len)
+            minibatches = build_minibatches(share.table, share.plans, share.samples, ps.get_data_parallel_rank(),
+                                            pad_id, cfg.trainer.max_tokens_per_micro_batch)
             flat = [mb for m in minibatches for mb in m.mine]
             with comm_phase("old_policy", micro_batches=len(flat), micro_batch_shape=list(flat[0].tokens.shape)):
                 with_old = old_policy_pass(learner.model, flat, model_cfg.vocab_size, cfg.logits)
@@ -183,7 +184,7 @@ def train(cfg) -> dict:
             t0 = time.perf_counter()
             updates = []
             for m in minibatches:
-                den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
+                den = m.denominators(cfg.loss.agg, cfg.trainer.nll_coef > 0)
                 updates.append(update_policy(learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef))
             metrics.update(_mean_metrics(updates))
             metrics["time/update"] = time.perf_counter() - t0
@@ -222,10 +223,10 @@ def train(cfg) -> dict:
                 return groups, {**out, **rollout_metrics}
 
             with comm_phase("rollout_broadcast"):
-                groups, metrics = _on_rank0(rollout_on_rank0)
+                share, metrics = sharer.share(rollout_on_rank0)
             done = step + 1
-            if groups:
-                weight_version = learn(groups, metrics, weight_version)
+            if share is not None:
+                weight_version = learn(share, metrics, weight_version)
             else:
                 # still logged and checkpointed: the step consumed its prompts
                 _say(f"step {done}: no informative groups (all rewards equal in every group); skipping update")
