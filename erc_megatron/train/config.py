@@ -168,7 +168,12 @@ class TrainerConfig:
     prompts_per_minibatch: int = 16
     """Prompts per optimizer step; prompts_per_step / prompts_per_minibatch updates per rollout step."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch on each data-parallel rank."""
+    """Sequences per micro-batch on each data-parallel rank (padded micro-batches only)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Pack sequences (prompt + response) without padding into micro-batches of at most this many
+    tokens, balanced over the data-parallel ranks by token count (micro_batch_size is then unused);
+    null: micro_batch_size sequences right-padded to the step's longest. Must be >= the longest
+    prompt + response (README, "Packed micro-batches")."""
     nll_coef: float = 0.0
     """Positive-sample NLL coefficient (Klear-Reasoner; the ERC recipes use 0.1)."""
     save_every: int = 0
@@ -195,6 +200,10 @@ class TrainerConfig:
         if self.prompts_per_step % self.prompts_per_minibatch:
             raise ConfigError(f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                               f"trainer.prompts_per_minibatch ({self.prompts_per_minibatch})")
+        if self.max_tokens_per_micro_batch is not None and (
+                isinstance(self.max_tokens_per_micro_batch, bool) or self.max_tokens_per_micro_batch < 1):
+            raise ConfigError(f"trainer.max_tokens_per_micro_batch must be an int >= 1 or null (padded "
+                              f"micro-batches), got {self.max_tokens_per_micro_batch}")
         for name in ("nll_coef", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
@@ -245,3 +254,9 @@ class RunConfig:
                               f"({self.rollout.temperature}) or be left unset: the learner must see the "
                               "distribution the rollout engine sampled from")
         self.logits.temperature = self.rollout.temperature
+        budget = self.trainer.max_tokens_per_micro_batch
+        if budget is not None and self.data.max_prompt_length is not None:
+            longest = self.data.max_prompt_length + self.rollout.max_response_length
+            if budget < longest:
+                raise ConfigError(f"trainer.max_tokens_per_micro_batch ({budget}) must be >= data.max_prompt_length "
+                                  f"+ rollout.max_response_length ({longest}): every sequence must fit one micro-batch")

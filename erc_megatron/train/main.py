@@ -48,9 +48,9 @@ def train(cfg) -> dict:
             f"{launch.launcher}, rendezvous {launch.master_addr}:{launch.master_port})")
         for step in range(state.step, cfg.trainer.steps):
             run.profiler.begin_step(step + 1)
-            groups, metrics = collect(run, state, step)
-            if groups:
-                minibatches = old_policy(run, groups, metrics)
+            share, metrics = collect(run, state, step)
+            if share is not None:
+                minibatches = old_policy(run, share, metrics)
                 policy_update(run, minibatches, metrics)
                 sync_weights(run, state, metrics)
             else:

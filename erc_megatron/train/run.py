@@ -44,6 +44,7 @@ class Run:
     rank0: Rank0Parts | None = None  # None on every other rank
     sync: Any = None  # erc_megatron.sync.weight_sync.WeightSync
     profiler: Any = None  # erc_megatron.comm.profiler.CommProfiler or NullProfiler
+    sharer: Any = None  # erc_megatron.train.rollout_share.RolloutShare: rank 0's rollout to each DP rank's share
 
 
 @dataclass
@@ -145,14 +146,17 @@ def start_rollout(run: Run, state: LoopState) -> None:
     from erc_megatron.sync.weight_sync import WeightSync
     from erc_megatron.train.rank0 import on_rank0
 
+    from erc_megatron.train.rollout_share import rollout_share
+
     cfg = run.cfg
     on_rank0(lambda: _start_rank0_parts(run, state))
+    run.sharer = rollout_share(cfg.trainer, run.layout.dp.rank, run.layout.dp.size)
     client = run.rank0.client if run.rank0 is not None else None
     run.sync = WeightSync(run.learner, run.model_cfg, client, cfg.rollout.weight_sync_bucket_mb * 2**20,
                           mode=cfg.rollout.weight_sync_mode)
+    roles = dict.fromkeys(run.sync.group_names, "weight-sync")
     run.profiler = start_comm_profiler(cfg.trainer.run_dir, cfg.trainer.profile_comm, cfg.trainer.profile_steps,
-                                       cfg.trainer.steps, extra_roles=dict.fromkeys(run.sync.group_names, "weight-sync"),
-                                       say=console.say)
+                                       cfg.trainer.steps, extra_roles=roles, say=console.say)
     if state.resumed_from is not None:
         run.sync.sync(state.weight_version)
 

@@ -79,8 +79,35 @@ def token_logprob_entropy(output: torch.Tensor, labels: torch.Tensor, vocab_size
                                           vocab_size=vocab_size)
 
 
+def packed_seq_params(mb: MicroBatch):
+    """THD PackedSeqParams of a packed row (Transformer Engine's attention reads cu_seqlens; the
+    trailing pad run is its own segment, so no sequence attends to it)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from erc_megatron.train.batch import packed_cu_seqlens
+
+    cu = packed_cu_seqlens(mb.seq_lengths, mb.tokens.shape[1]).to(mb.tokens.device)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 def _model_forward(mb: MicroBatch, model):
-    return model(mb.tokens, mb.position_ids, attention_mask=None)
+    if not mb.packed:
+        return model(mb.tokens, mb.position_ids, attention_mask=None)
+    from erc_megatron.model.gpt import have_transformer_engine
+
+    if have_transformer_engine():
+        return model(mb.tokens, mb.position_ids, attention_mask=None, packed_seq_params=packed_seq_params(mb))
+    # local spec: block-diagonal causal mask and per-sequence RoPE positions, the same numbers
+    from erc_megatron.patches.megatron_packed_rope import packed_positions
+    from erc_megatron.train.batch import packed_attention_mask
+    from erc_megatron.weights.rank_params import unwrap_model
+
+    positions = mb.position_ids
+    mask = packed_attention_mask(mb.seq_lengths, mb.tokens.shape[1]).to(mb.tokens.device)
+    with packed_positions(unwrap_model(model), positions):
+        return model(mb.tokens, positions, attention_mask=mask)
 
 
 def _forward_only_loss(mb: MicroBatch, vocab_size: int, cfg: LogitsConfig, model, layout, logits: torch.Tensor):

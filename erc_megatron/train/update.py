@@ -20,7 +20,7 @@ import torch.distributed as dist
 from erc_megatron.algo import (PolicyLossConfig, StepStats, aggregation_denominator, policy_loss,
                                positive_nll_denominator, positive_nll_loss, reduce_step_metrics)
 from erc_megatron.comm.profiler import comm_phase
-from erc_megatron.train.batch import MicroBatch
+from erc_megatron.train.batch import MicroBatch, unpack, unpack_index
 from erc_megatron.train.step import (LogitsConfig, forward_backward, optimizer_step, prepare_output,
                                      token_logprob_entropy, zero_grads)
 
@@ -45,6 +45,34 @@ def minibatch_denominators(all_micro_batches: list[MicroBatch], agg: str, with_n
     best = float(rewards.max())
     nll = sum(float(positive_nll_denominator(mb.loss_mask, mb.rewards, best)) for mb in all_micro_batches)
     return Denominators(policy, nll, best)
+
+
+def denominators_from_lengths(response_lens: list[int], rewards: list[float], agg: str, with_nll: bool
+                              ) -> Denominators:
+    """The same numbers as `minibatch_denominators`, from the mini-batch's response lengths and
+    rewards alone (what every rank holds without the token ids): the masks are rebuilt as
+    [sequences, longest response] rows, which is all the denominators look at."""
+    longest = max(response_lens, default=0)
+    mask = (torch.arange(longest).unsqueeze(0) < torch.tensor(response_lens, dtype=torch.long).unsqueeze(1)).float()
+    policy = float(aggregation_denominator(mask, agg))
+    if not with_nll:
+        return Denominators(policy, 0.0)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    best = float(rewards_t.max())
+    return Denominators(policy, float(positive_nll_denominator(mask, rewards_t, best)), best)
+
+
+def unpack_for_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: MicroBatch):
+    """Packed [1, s] per-token values -> [sequences, longest] rows, and a padded-layout micro-batch."""
+    index = unpack_index(mb.seq_lengths)
+
+    def rows(t):
+        return None if t is None else unpack(t, mb.seq_lengths, index)
+
+    padded = mb.with_(loss_mask=rows(mb.loss_mask), advantages=rows(mb.advantages), old_logp=rows(mb.old_logp),
+                      old_entropy=rows(mb.old_entropy), rollout_logp=rows(mb.rollout_logp), seq_lengths=None,
+                      tokens=None, labels=None)
+    return rows(logp), rows(entropy), padded
 
 
 # which per-micro-batch metrics, if not finite, make every rank skip the optimizer step
@@ -82,6 +110,10 @@ def update_policy(learner, micro_batches: list[MicroBatch], denominators: Denomi
         logp, entropy = token_logprob_entropy(logits, mb.labels, vocab, logits_cfg,
                                               entropy_grad=loss_cfg.entropy_coef > 0, model=learner.model,
                                               layout=layout)
+        if mb.packed:
+            # per-sequence rows: the seq-mean aggregations, GSPO and the per-sequence statistics
+            # see sequences, not packed rows
+            logp, entropy, mb = unpack_for_loss(logp, entropy, mb)
         loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, entropy=entropy,
                                     old_entropy=mb.old_entropy, config=loss_cfg, rollout_log_prob=mb.rollout_logp,
                                     global_denominator=denominators.policy)

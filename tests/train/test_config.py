@@ -93,6 +93,7 @@ BAD = {
     "trainer.prompts_per_step": ("0", ">= 1"),
     "trainer.prompts_per_minibatch": ("0", ">= 1"),
     "trainer.micro_batch_size": ("0", ">= 1"),
+    "trainer.max_tokens_per_micro_batch": ("0", ">= 1 or null"),
     "trainer.nll_coef": ("-0.1", ">= 0"),
     "trainer.save_every": ("-1", ">= 0"),
     "trainer.resume": ("maybe", "true or false"),

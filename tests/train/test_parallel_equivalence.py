@@ -1,10 +1,9 @@
 """Same weights, same data, different layouts: TP2xPP2 (dp1), TP2xPP1 (dp2) and TP1xPP1 (dp4), with
 and without the distributed optimizer, sequence parallelism and activation recomputation (full and
-selective), must give the same losses, ERC statistics, gradient norms and updated weights over several
-ERC mini-batch updates.
-
-This also checks the global token-mean: the same tokens are split over 1, 2 and 4 data-parallel
-ranks and over different numbers of micro-batches per rank.
+selective), with right-padded micro-batches and with packed token-budget ones
+(trainer.max_tokens_per_micro_batch; those get the rollout from rank 0 through the compact per-rank
+share, train/rollout_share.py), must give the same losses, ERC statistics, gradient norms and updated
+weights over several ERC mini-batch updates.
 """
 import math
 import os
@@ -25,6 +24,7 @@ class Layout(NamedTuple):
     distopt: bool = False  # megatron's DistributedOptimizer (dp > 1 only shards something)
     sp: bool = False  # sequence parallel
     recompute: tuple = (None, None, None)  # model.recompute_granularity / _method / _num_layers
+    max_tokens: int | None = None  # a token budget packs sequences into rows (13 tokens: _rollout's longest)
 
 
 REFERENCE = Layout(1, 1)
@@ -39,6 +39,8 @@ LAYOUTS = [
     Layout(2, 2, fused=True, sp=True, recompute=("full", "uniform", 1)),
     Layout(2, 1, distopt=True, recompute=("selective", None, None)),
     Layout(1, 1, distopt=True, recompute=("full", "block", 3)),
+    Layout(2, 2, max_tokens=16),
+    Layout(2, 1, max_tokens=16),  # packed dp2 has placeholder rows (a rank with fewer bins)
 ]
 
 
@@ -105,6 +107,27 @@ def _rollout(seed, n_seqs=24, vocab=50):
     return groups
 
 
+def _packed_minibatches(groups, dp, max_tokens):
+    """Rank 0 holds the rollout; every rank gets its data-parallel share as compact tensors."""
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+
+    from erc_megatron.train.minibatch import build_minibatches, plan_minibatches
+    from erc_megatron.train.rollout_share import RolloutShare
+
+    plan = partial(plan_minibatches, prompts_per_minibatch=2, dp_size=dp, micro_batch_size=1, max_tokens=max_tokens)
+    share, _ = RolloutShare(ps.get_data_parallel_rank(), dp, plan).share(lambda: (groups, {}))
+    n = len(share.table)
+    assert len(share.samples) < n or dp == 1  # each rank holds only its replica's share
+    minibatches = build_minibatches(share.table, share.plans, share.samples, ps.get_data_parallel_rank(), 0, max_tokens)
+    rows = [mb for m in minibatches for mb in m.mine]
+    assert all(mb.packed and mb.tokens.shape[0] == 1 and mb.tokens.shape[1] <= max_tokens for mb in rows)
+    # several sequences per row (the plan is the same on every rank)
+    assert sum(1 for p in share.plans for mbs in p.ranks for mb in mbs if mb != [None]) < n
+    return minibatches
+
+
 def _worker(rank, world_size, seed):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -117,7 +140,7 @@ def _worker(rank, world_size, seed):
     from erc_megatron.train.learner import OptimConfig, build_learner
     from erc_megatron.train.minibatch import split_minibatches
     from erc_megatron.train.step import LogitsConfig, old_policy_pass
-    from erc_megatron.train.update import minibatch_denominators, update_policy
+    from erc_megatron.train.update import update_policy
     from erc_megatron.weights.layout import shard_for_rank
 
     full = _full_state(_model_cfg(), seed)
@@ -145,15 +168,18 @@ def _worker(rank, world_size, seed):
         missing, unexpected = learner.unwrapped.load_state_dict(local, strict=False)
         assert not unexpected and not [k for k in missing if not k.endswith("_extra_state")], (missing, unexpected)
         dp = ps.get_data_parallel_world_size()
-        minibatches = split_minibatches(groups, 2, ps.get_data_parallel_rank(), dp, micro_batch_size=4 // dp or 1,
-                                        pad_id=0)
+        if layout.max_tokens is None:
+            minibatches = split_minibatches(groups, 2, ps.get_data_parallel_rank(), dp,
+                                            micro_batch_size=4 // dp or 1, pad_id=0)
+        else:
+            minibatches = _packed_minibatches(groups if rank == 0 else None, dp, layout.max_tokens)
         flat = old_policy_pass(learner.model, [mb for m in minibatches for mb in m.mine], cfg.vocab_size, logits_cfg)
         steps = []
         i = 0
         for m in minibatches:
             mine = flat[i:i + len(m.mine)]
             i += len(m.mine)
-            den = minibatch_denominators(m.everyone, loss_cfg.agg, with_nll=True)
+            den = m.denominators(loss_cfg.agg, with_nll=True)
             with record_collectives() as rec:
                 metrics = update_policy(learner, mine, den, loss_cfg, logits_cfg, nll_coef=0.1)
             # statistics: one SUM + one MAX over the world per optimizer step, never per micro-batch

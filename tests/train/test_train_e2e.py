@@ -468,8 +468,10 @@ def test_comm_profile_of_tp2pp2_step_counts_and_sizes_what_the_shapes_imply(base
         n_upd = sum(a["micro_batches"] for a in updates)
         b, s = old["micro_batch_shape"]
         assert all(a["micro_batch_shape"] == [b, s] for a in updates)
-        # the rollout reaches every rank in one broadcast of the rollout phase
-        assert [e["op"] for e in events(rank, phase="rollout_broadcast")] == ["broadcast_object_list"]
+        # the rollout reaches every rank as compact tensors: metrics/errors (object), the per-sample
+        # table, and each rank's token share (train/rollout_share.py)
+        assert [e["op"] for e in events(rank, phase="rollout_broadcast")] == ["broadcast_object_list", "broadcast",
+                                                                             "scatter"]
         assert all(e["role"] == "world" for e in events(rank, phase="rollout_broadcast"))
         # statistics: 2 world all-reduces (SUM, MAX) per optimizer step, float64, nothing else in the phase
         stats = events(rank, phase="statistics")

@@ -1,10 +1,10 @@
-"""Phase 1: rollout -> rewards -> group advantages on rank 0, then the step's groups to every rank."""
+"""Phase 1: rollout -> rewards -> group advantages on rank 0, then each data-parallel rank's share of the step."""
 from __future__ import annotations
 
 from erc_megatron.algo import set_group_advantages
 from erc_megatron.comm import comm_phase
 from erc_megatron.rollout.collect import Sample, collect_step, validate
-from erc_megatron.train.rank0 import on_rank0
+from erc_megatron.train.rollout_share import StepShare
 from erc_megatron.train.run import LoopState, Run, timed
 
 
@@ -31,11 +31,13 @@ def _rollout_on_rank0(run: Run, state: LoopState, step: int) -> tuple[list[list[
     return groups, {**metrics, **rollout_metrics}
 
 
-def collect(run: Run, state: LoopState, step: int) -> tuple[list[list[Sample]], dict[str, float]]:
-    """The step's kept groups (advantages set) and rollout metrics, the same on every rank.
+def collect(run: Run, state: LoopState, step: int) -> tuple[StepShare | None, dict[str, float]]:
+    """This rank's share of the step's kept groups (advantages set; None when no group was kept)
+    and the rollout metrics.
 
-    `step` counts from 0. The one collective here is the rollout broadcast (`on_rank0`: rank 0's
-    groups, pickled, to every rank; a failure on rank 0 stops every rank with its message).
+    `step` counts from 0. The collectives here are the rollout hand-off (erc_megatron.train.rollout_share:
+    a small header, the [samples, 4] table of lengths / rewards / advantages, then each data-parallel
+    rank's token ids scattered to it; a failure on rank 0 stops every rank with its message).
     """
     with comm_phase("rollout_broadcast"):
-        return on_rank0(lambda: _rollout_on_rank0(run, state, step))
+        return run.sharer.share(lambda: _rollout_on_rank0(run, state, step))

@@ -6,7 +6,7 @@ import time
 
 from erc_megatron.train.minibatch import MiniBatch
 from erc_megatron.train.run import Run
-from erc_megatron.train.update import minibatch_denominators, update_policy
+from erc_megatron.train.update import update_policy
 
 
 def mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
@@ -30,7 +30,7 @@ def policy_update(run: Run, minibatches: list[MiniBatch], metrics: dict[str, flo
     t0 = time.perf_counter()
     updates = []
     for m in minibatches:
-        den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
+        den = m.denominators(cfg.loss.agg, cfg.trainer.nll_coef > 0)
         updates.append(update_policy(run.learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef,
                                      layout=run.layout))
     metrics.update(mean_metrics(updates))
