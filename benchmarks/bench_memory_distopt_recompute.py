@@ -96,7 +96,7 @@ def _optimizer_worker(rank, world_size, args):
             n_params = sum(p.numel() for p in learner.unwrapped.parameters())
             zero_grads(learner)
             forward_backward(learner.model, [_batch(args, rank)], _loss)
-            _, step_peak = peak_cpu_bytes(lambda: learner.optimizer.step())
+            _, step_peak = peak_cpu_bytes(learner.optimizer.step)
             rows.append((dtype, distopt, ps.get_data_parallel_world_size(), n_params, _optimizer_bytes(learner),
                          step_peak))
             del learner
@@ -106,8 +106,6 @@ def _optimizer_worker(rank, world_size, args):
 
 
 def _activation_worker(rank, world_size, args):
-    import torch
-
     from megatron.core import parallel_state as ps
 
     from erc_megatron.dist import init_distributed
@@ -124,10 +122,10 @@ def _activation_worker(rank, world_size, args):
         learner = build_learner(cfg, OptimConfig(lr=1e-4), parallel)
         model = learner.model
 
-        def forward():
+        def forward(model=model):
             return _loss(model(mb.tokens, mb.position_ids, attention_mask=None), mb)[0]
 
-        def forward_backward():
+        def forward_backward(forward=forward):
             forward().backward()
 
         loss, _, held = peak_and_held_cpu_bytes(forward)

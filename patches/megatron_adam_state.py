@@ -15,8 +15,8 @@ Whole tensors of a distributed optimizer are assembled by summing zero-filled fu
 each rank's slice over the optimizer's `data_parallel_group` (the slices are disjoint, so the sum
 is exact), in chunks of at most CHUNK_ELEMENTS.
 
-Checked against megatron-core 0.16.1 (run here): `get_megatron_optimizer` returns a ChainedOptimizer
-whose `chained_optimizers` each wrap a torch optimizer as `.optimizer`; DistributedOptimizer has
+Checked against megatron-core 0.16.1 and 0.19.2 (both run here): `get_megatron_optimizer` returns a
+ChainedOptimizer whose `chained_optimizers` each wrap a torch optimizer as `.optimizer`; DistributedOptimizer has
 `model_param_group_index_map`, `_get_model_param_range_map`, `buffers` (each with `param_index_map`
 of every parameter it holds) and `data_parallel_group`; verified at every call.
 """
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .source_rewrite import UpstreamChangedError
 
-CHECKED = "megatron-core 0.16.1"
+CHECKED = "megatron-core 0.16.1 and 0.19.2 (both run on CPU)"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CHUNK_ELEMENTS = 1 << 26  # 256 MiB of fp32 per all-reduce when assembling whole tensors
 _DISTOPT_ATTRS = ("model_param_group_index_map", "_get_model_param_range_map", "buffers", "data_parallel_group")

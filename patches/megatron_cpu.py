@@ -19,10 +19,13 @@ Fixes (numbers follow shared/spec/megatron_cpu.md):
     clipping (a CPU path, so `clip_grad` works on CPU).
  6. DistributedOptimizer (`parallel.use_distributed_optimizer`), and Float16OptimizerWithFloat16Params
     (bf16/fp16 without it): they tell fp32 from bf16/fp16 parameters by their CUDA type names
-    (`param.type() == 'torch.cuda.FloatTensor'`), so a CPU parameter is refused; its `load_state_dict` allocates on the current CUDA device. Checked against
-    0.16.1 (run) and 0.19.2 (source). Its collectives (`reduce_scatter_tensor`,
-    `all_gather_into_tensor`, inside `_coalescing_manager`) run natively on gloo in torch 2.13.0
-    (run here), so they need no fallback and the communication recorder sees them as issued.
+    (`param.type() == 'torch.cuda.FloatTensor'`), so a CPU parameter is refused; the distributed
+    optimizer's `load_state_dict` allocates on the current CUDA device. Checked against 0.16.1 and
+    0.19.2 (both run). Its collectives (`reduce_scatter_tensor`, `all_gather_into_tensor`, inside
+    `_coalescing_manager`) run natively on gloo in torch 2.13.0 (run here), so they need no
+    fallback and the communication recorder sees them as issued, at their real size.
+ 7. Sequence parallelism: the column/row-parallel linear's backward all-gathers its sequence-sharded
+    input again into a buffer on the current CUDA device (0.16.1 and 0.19.2, run).
 """
 from __future__ import annotations
 
@@ -219,7 +222,7 @@ def _patch_distributed_optimizer() -> None:
     rewrite_function(cls, "load_state_dict", [_CURRENT_DEVICE], CHECKED_DISTOPT)
 
 
-CHECKED_DISTOPT = "megatron-core 0.16.1 (run on CPU), 0.19.2 (source)"
+CHECKED_DISTOPT = "megatron-core 0.16.1 and 0.19.2 (both run on CPU)"
 
 
 def apply_cpu_patches(force: bool = False) -> bool:

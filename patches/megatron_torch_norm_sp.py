@@ -7,7 +7,7 @@ tensor-parallel group: `finalize_model_grads` does that for every parameter carr
 `sequence_parallel=True` (Transformer Engine's and apex's norms set that attribute themselves).
 This rewrite drops the assert and sets the attribute on the returned norm's parameters.
 
-Checked against megatron-core 0.16.1 (run here) and 0.19.2 (source, tests/run_py312.sh's venv):
+Checked against megatron-core 0.16.1 and 0.19.2 (both run here, the latter in tests/run_py312.sh's venv):
 `__new__` contains `assert not config.sequence_parallel, ...` and ends with
 `return norm_cls(normalized_shape=hidden_size, eps=eps)`; `finalize_model_grads` sums the gradients
 of parameters with `sequence_parallel` over the TP group when `config.sequence_parallel`. Any other
@@ -22,7 +22,7 @@ import torch
 
 from .source_rewrite import Rewrite, UpstreamChangedError, rewrite_function
 
-CHECKED = "megatron-core 0.16.1 (run), 0.19.2 (source)"
+CHECKED = "megatron-core 0.16.1 and 0.19.2 (both run on CPU)"
 _ASSERT = 'assert not config.sequence_parallel, f"sequence parallel not supported by torch LayerNorm"'
 _RETURN = "return norm_cls(normalized_shape=hidden_size, eps=eps)"
 

@@ -184,8 +184,6 @@ def _worker(rank, world_size, seed):
                 metrics = update_policy(learner, mine, den, loss_cfg, logits_cfg, nll_coef=0.1)
             # statistics: one SUM + one MAX over the world per optimizer step, never per micro-batch
             metrics["world_all_reduces"] = float(rec.count("all_reduce", group=dist.group.WORLD))
-            if os.environ.get("ERC_PRINT_COMM"):
-                print(layout, dist.get_rank(), rec.format_summary(), flush=True)
             # the log-prob/entropy op: one all-gather per micro-batch forward on the last stage
             # (sequence parallelism adds its own all-gathers on the TP group)
             if tp > 1 and ps.is_pipeline_last_stage() and not layout.sp:
