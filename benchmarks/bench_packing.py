@@ -161,7 +161,7 @@ def _broadcast_worker(rank, world, port, args, queue):
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
-        def new():
+        def new(share=share):
             return share.share(lambda: (groups, metrics))
 
         for name, fn in (("before", old), ("after", new)):

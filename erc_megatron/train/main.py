@@ -2,7 +2,8 @@
 
 One RL step reads like the algorithm:
     rollout (rank 0, over SGLang's HTTP API) -> rewards -> group advantages with dynamic sampling
-    -> broadcast to every rank -> old-policy pass (old_logp, H_old) -> mini-batch updates with ERC
+    -> each rank's share as compact tensors (train/rollout_share.py)
+    -> old-policy pass (old_logp, H_old) -> mini-batch updates with ERC
     -> weight sync to the rollout servers -> metrics / validation / checkpoint.
 Rank 0 drives the rollout servers; when `rollout.server_urls` is empty it starts the embedded CPU
 server itself (same protocol as SGLang, same code path).

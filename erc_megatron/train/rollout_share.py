@@ -99,9 +99,10 @@ class RolloutShare:
             dist.all_gather(every, mine, group=group)
             self.dp_of_rank = [int(t) for t in every]
             if sorted(set(self.dp_of_rank)) != list(range(dp_size)):
-                raise RuntimeError(f"data-parallel ranks of the world {self.dp_of_rank} do not cover 0..{dp_size - 1}")
+                raise RuntimeError(f"data-parallel ranks of the world {self.dp_of_rank} do not cover "
+                                   f"0..{dp_size - 1}")
 
-    def share(self, fn: Callable[[], "tuple[list[list[Sample]], dict]"]) -> tuple[StepShare | None, dict]:
+    def share(self, fn: Callable[[], tuple[list[list[Sample]], dict]]) -> tuple[StepShare | None, dict]:
         """Run `fn` (-> groups, metrics) on rank 0; every rank gets (its StepShare or None when there
         are no groups, the metrics). If `fn` raises on rank 0, every rank raises with its message."""
         metrics, error, header, table_t, payloads, plans = {}, None, None, None, None, None
