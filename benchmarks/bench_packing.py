@@ -20,7 +20,9 @@ Broadcast part (4 gloo processes, no model): rank 0 hands a step of --broadcast-
 long-tailed samples to every rank, as train/main.py did before (broadcast_object_list of the
 pickled Sample lists) and as it does now (train/rollout_share.py: a table broadcast + each
 data-parallel rank's token share scattered), for the TP2 x DP2 layout (ranks 2r, 2r+1 = replica r)
-and DP4. Median wall time of the slowest rank, and the bytes each rank receives.
+and DP4. Median wall time of the slowest rank, CPU time (process_time, all threads) summed over
+the 4 ranks, and the bytes each rank receives. On a loaded machine the wall times are mostly
+scheduling; the CPU time and the bytes are the steadier figures.
 """
 from __future__ import annotations
 
@@ -159,24 +161,25 @@ def _broadcast_worker(rank, world, port, args, queue):
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
-        def new():
+        def new(share=share):
             return share.share(lambda: (groups, metrics))
 
         for name, fn in (("before", old), ("after", new)):
             fn()  # warm-up
-            ts = []
+            ts, cpu = [], []
             for _ in range(args.repeats_broadcast):
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 got = fn()
                 ts.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             if name == "before":
                 nbytes = len(pickle.dumps(got))
             else:
                 s, _ = got
                 nbytes = s.table.prompt_lens.__len__() * 4 * 8 + sum(
                     len(x.prompt_ids) + 2 * len(x.response_ids) for x in s.samples.values()) * 4
-            out[(layout, name)] = (statistics.median(ts), nbytes)
+            out[(layout, name)] = (statistics.median(ts), nbytes, statistics.median(cpu))
     queue.put((rank, out))
     dist.destroy_process_group()
 
@@ -195,16 +198,18 @@ def broadcast_part(args) -> None:
         p.join()
     print(f"\nrollout hand-off from rank 0, {args.broadcast_prompts} prompts x 8 samples, 4 ranks "
           f"(median of {args.repeats_broadcast}, slowest rank):")
-    print(f"{'layout':<8} {'path':<8} {'seconds':>9} {'bytes to a rank (max)':>22}")
+    print(f"{'layout':<8} {'path':<8} {'wall s':>8} {'CPU s, 4 ranks':>15} {'bytes to a rank (max)':>22}")
     for layout in ("TP2xDP2", "DP4"):
-        row = {}
+        row, rcpu = {}, {}
         for name in ("before", "after"):
             t = max(results[r][(layout, name)][0] for r in results)
             b = max(results[r][(layout, name)][1] for r in results if r != 0)
-            row[name] = t
+            c = sum(results[r][(layout, name)][2] for r in results)
+            row[name], rcpu[name] = t, c
             label = "pickled Sample lists" if name == "before" else "compact share"
-            print(f"{layout:<8} {name:<8} {t:>9.4f} {b:>22}   {label}")
-        print(f"{layout:<8} after / before time x{row['after'] / row['before']:.3f}")
+            print(f"{layout:<8} {name:<8} {t:>8.4f} {c:>15.4f} {b:>22}   {label}")
+        print(f"{layout:<8} after / before: wall x{row['after'] / row['before']:.3f}, CPU "
+              f"x{rcpu['after'] / rcpu['before']:.3f}")
 
 
 def main() -> None:

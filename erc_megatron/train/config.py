@@ -255,6 +255,9 @@ class RunConfig:
                               "distribution the rollout engine sampled from")
         self.logits.temperature = self.rollout.temperature
         budget = self.trainer.max_tokens_per_micro_batch
+        if budget is not None and self.parallel.context_parallel_size > 1:
+            raise ConfigError("trainer.max_tokens_per_micro_batch (packed micro-batches) needs "
+                              f"parallel.context_parallel_size 1, got {self.parallel.context_parallel_size}")
         if budget is not None and self.data.max_prompt_length is not None:
             longest = self.data.max_prompt_length + self.rollout.max_response_length
             if budget < longest:

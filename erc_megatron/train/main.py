@@ -2,7 +2,7 @@
 
 The train loop: start-up (erc_megatron.train.run), then per step the phases of
 erc_megatron.train.phases in order: collect (rollout -> rewards -> group advantages with dynamic
-sampling on rank 0, broadcast to every rank) -> old policy (old_logp, H_old) -> policy update
+sampling on rank 0, each data-parallel rank's share as compact tensors) -> old policy (old_logp, H_old) -> policy update
 (mini-batches with ERC) -> weight sync to the rollout servers -> log / checkpoint.
 Rank 0 drives the rollout servers; when `rollout.server_urls` is empty it starts the embedded CPU
 server (erc_megatron.rollout_server) itself: same protocol as SGLang, same code path.

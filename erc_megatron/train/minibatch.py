@@ -142,11 +142,14 @@ def build_minibatches(table: RolloutTable, plans: list[MiniBatchPlan], samples: 
                       pad_id: int, max_tokens: int | None = None, seq_length: int | None = None) -> list[MiniBatch]:
     """This rank's micro-batches from the samples it received (`samples[global index]`)."""
     if max_tokens is None:
-        seq_length = seq_length or step_seq_length(table)
-        make = lambda chosen: _to_micro_batch(chosen, seq_length, pad_id)  # noqa: E731
+        length = seq_length or step_seq_length(table)
     else:
-        row = packed_row_length(table, plans, max_tokens)
-        make = lambda chosen: _to_packed_micro_batch(chosen, row, pad_id)  # noqa: E731
+        length = packed_row_length(table, plans, max_tokens)
+
+    def make(chosen: list[Sample | None]) -> MicroBatch:
+        if max_tokens is None:
+            return _to_micro_batch(chosen, length, pad_id)
+        return _to_packed_micro_batch(chosen, length, pad_id)
     out = []
     for p in plans:
         mine = [make([samples[i] if i is not None else None for i in mb]) for mb in p.ranks[dp_rank]]

@@ -9,6 +9,8 @@ sample that every rank needs for the plan and the global denominators. Three col
   3. scatter of int32 payloads: to every rank its data-parallel rank's samples (ranks of one
      replica get the same), token ids then the float32 bits of the rollout log-probs, padded to the
      longest share.
+Rank 0 pickles nothing of the samples (a pickled step is Python objects for every token id and
+log-prob, plus response texts and per-sample metrics the learner does not read).
 Every rank derives the same plan from the table (minibatch.plan_minibatches), so it knows which
 samples it gets and how long its payload is without being told.
 """
@@ -50,28 +52,34 @@ def payload_length(table: RolloutTable, indices: list[int]) -> int:
 
 
 def encode_share(flat: list[Sample], indices: list[int]) -> torch.Tensor:
-    """int32 [sum(prompt + 2 x response)]: per sample, its token ids then its response's rollout
-    log-probs as float32 bits (missing ones are 0, as the padded micro-batch would hold)."""
-    parts = []
+    """int32 [sum(prompt + 2 x response)]: the samples' token ids (prompt then response, sample after
+    sample), then their responses' rollout log-probs as float32 bits (missing ones are 0, as the
+    padded micro-batch would hold). Built from two flat lists: one tensor call each."""
+    ids: list[int] = []
+    lps: list[float] = []
     for i in indices:
         s = flat[i]
         n = len(s.response_ids)
-        lps = list(s.rollout_logprobs[:n]) + [0.0] * max(0, n - len(s.rollout_logprobs))
-        parts.append(torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.int32))
-        parts.append(torch.tensor(lps, dtype=torch.float32).view(torch.int32))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+        ids += s.prompt_ids
+        ids += s.response_ids
+        lps += s.rollout_logprobs[:n]
+        lps += [0.0] * max(0, n - len(s.rollout_logprobs))
+    return torch.cat([torch.tensor(ids, dtype=torch.int32), torch.tensor(lps, dtype=torch.float32).view(torch.int32)])
 
 
 def decode_share(payload: torch.Tensor, table: RolloutTable, indices: list[int]) -> dict[int, Sample]:
     """Inverse of encode_share, with reward and advantage from the table."""
     group_of = [g for g, size in enumerate(table.group_sizes) for _ in range(size)]
-    out, at = {}, 0
+    n_ids = sum(table.prompt_lens[i] + table.response_lens[i] for i in indices)
+    ids = payload[:n_ids].tolist()
+    lps = payload[n_ids:].view(torch.float32).tolist()
+    out, at, at_lp = {}, 0, 0
     for i in indices:
         p, r = table.prompt_lens[i], table.response_lens[i]
-        ids = payload[at:at + p + r].tolist()
-        lps = payload[at + p + r:at + p + 2 * r].view(torch.float32).tolist()
-        at += p + 2 * r
-        out[i] = Sample(ids[:p], ids[p:], "", "", table.rewards[i], lps, "", group_of[i], advantage=table.advantages[i])
+        out[i] = Sample(ids[at:at + p], ids[at + p:at + p + r], "", "", table.rewards[i], lps[at_lp:at_lp + r], "",
+                        group_of[i], advantage=table.advantages[i])
+        at += p + r
+        at_lp += r
     return out
 
 
@@ -91,12 +99,13 @@ class RolloutShare:
             dist.all_gather(every, mine, group=group)
             self.dp_of_rank = [int(t) for t in every]
             if sorted(set(self.dp_of_rank)) != list(range(dp_size)):
-                raise RuntimeError(f"data-parallel ranks of the world {self.dp_of_rank} do not cover 0..{dp_size - 1}")
+                raise RuntimeError(f"data-parallel ranks of the world {self.dp_of_rank} do not cover "
+                                   f"0..{dp_size - 1}")
 
-    def share(self, fn: Callable[[], "tuple[list[list[Sample]], dict]"]) -> tuple[StepShare | None, dict]:
+    def share(self, fn: Callable[[], tuple[list[list[Sample]], dict]]) -> tuple[StepShare | None, dict]:
         """Run `fn` (-> groups, metrics) on rank 0; every rank gets (its StepShare or None when there
         are no groups, the metrics). If `fn` raises on rank 0, every rank raises with its message."""
-        metrics, error, header, table_t, payloads = {}, None, None, None, None
+        metrics, error, header, table_t, payloads, plans = {}, None, None, None, None, None
         if self.rank == 0:
             try:
                 groups, metrics = fn()
@@ -127,7 +136,7 @@ class RolloutShare:
                 table_t = torch.zeros(n, 4, dtype=torch.float64)
             dist.broadcast(table_t, src=0, group=self.group)
         table = _table_from_tensor(table_t, header)
-        plans = self.plan_fn(table)
+        plans = plans if plans is not None else self.plan_fn(table)
         lengths = [payload_length(table, samples_of_rank(plans, d)) for d in range(self.dp_size)]
         mine = samples_of_rank(plans, self.dp_rank)
         if self.distributed:

@@ -1,8 +1,8 @@
 """Forward-only (old policy) and training passes on megatron-core's own pipeline schedule.
 
 The loss lives on the last pipeline stage. Token-mean aggregation uses a global denominator that
-the caller computes once per mini-batch from the batch's masks before the schedule runs (every
-rank holds the whole mini-batch's masks, so it costs no collective); each micro-batch then
+the caller computes once per mini-batch from the batch's lengths before the schedule runs (every
+rank holds the whole mini-batch's lengths, so it costs no collective); each micro-batch then
 contributes sum(m*l) / N_global, rescaled here for megatron's averaging (the schedule divides by
 the number of micro-batches, DDP averages over data-parallel ranks).
 """

@@ -6,7 +6,9 @@ pipeline stage, tensor-parallel rank 0: one per data-parallel replica) contribut
 add identities, so the result equals the data-parallel reduction on the last stage while every rank
 learns it, including the "non-finite loss or entropy" flag that decides, identically everywhere,
 whether the optimizer steps. The token-mean denominators come from the caller, computed once per
-mini-batch from masks every rank already holds (`minibatch_denominators`), so they cost nothing.
+mini-batch from the response lengths and rewards every rank already holds (`denominators_from_lengths`;
+`minibatch_denominators` gives the same from padded masks), so they cost nothing. Packed micro-batches
+are unpacked into per-sequence rows before the loss (`unpack_for_loss`).
 """
 from __future__ import annotations
 

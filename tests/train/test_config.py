@@ -202,3 +202,16 @@ def test_train_help_lists_every_field_with_its_doc():
     text = out.getvalue()
     for leaf in _leaf_fields():
         assert f"  {leaf} (" in text, leaf
+
+
+def test_token_budget_must_hold_the_longest_sequence_and_refuses_context_parallelism():
+    ok = config_tree.load(RunConfig, None, BASE + ["data.max_prompt_length=100", "rollout.max_response_length=28",
+                                                   "trainer.max_tokens_per_micro_batch=128"])
+    assert ok.trainer.max_tokens_per_micro_batch == 128
+    with pytest.raises(ConfigError, match=r"trainer.max_tokens_per_micro_batch \(127\) must be >= "
+                                          r"data.max_prompt_length \+ rollout.max_response_length \(128\)"):
+        config_tree.load(RunConfig, None, BASE + ["data.max_prompt_length=100", "rollout.max_response_length=28",
+                                                  "trainer.max_tokens_per_micro_batch=127"])
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size 1"):
+        config_tree.load(RunConfig, None, BASE + ["trainer.max_tokens_per_micro_batch=8192",
+                                                  "parallel.context_parallel_size=2"])

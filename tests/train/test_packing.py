@@ -66,9 +66,10 @@ def test_packed_row_has_per_sequence_labels_positions_mask_and_cu_seqlens():
     assert packed_cu_seqlens([4, 4], 8).tolist() == [0, 4, 8]  # no pad run, no empty segment
     assert packed_position_ids([2], 2).tolist() == [[0, 1]]
     blocked = packed_attention_mask(mb.seq_lengths, 14)[0, 0]
+    start = (torch.arange(14) - packed_position_ids(mb.seq_lengths, 14)[0]).tolist()  # each token's sequence start
     for q in range(14):
         for k in range(14):
-            same = packed_position_ids(mb.seq_lengths, 14)[0, q] - q == packed_position_ids(mb.seq_lengths, 14)[0, k] - k
+            same = start[q] == start[k]
             assert bool(blocked[q, k]) == (not (same and k <= q)), (q, k)
     # each sequence's values come back as its padded row would hold them
     padded = pack_sequences(prompts, responses, seq_length=6)

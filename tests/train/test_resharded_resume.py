@@ -43,7 +43,7 @@ def _step(learner, groups, cfg):
     from erc_megatron.algo import PolicyLossConfig
     from erc_megatron.train.minibatch import split_minibatches
     from erc_megatron.train.step import LogitsConfig, old_policy_pass
-    from erc_megatron.train.update import minibatch_denominators, update_policy
+    from erc_megatron.train.update import update_policy
 
     loss_cfg = PolicyLossConfig(surrogate="ppo_clip", erc=True, erc_low=0.995, erc_high=1.005, clip_ratio_c=3.0)
     logits_cfg = LogitsConfig(temperature=0.9)
@@ -54,7 +54,7 @@ def _step(learner, groups, cfg):
     for m in minibatches:
         mine = flat[i:i + len(m.mine)]
         i += len(m.mine)
-        den = minibatch_denominators(m.everyone, loss_cfg.agg, with_nll=True)
+        den = m.denominators(loss_cfg.agg, with_nll=True)
         out.append(update_policy(learner, mine, den, loss_cfg, logits_cfg, nll_coef=0.1))
     return out
 
