@@ -134,3 +134,21 @@ def test_plan_refuses_bad_arguments_naming_them(tmp_path):
         cli.main(["plan", "--config", recipe, "--gpus", "12"])
     with pytest.raises(ConfigError, match="--hf-config"):
         cli.main(["plan", "--config", recipe, "model.path=/nowhere/SomeModel"])
+
+
+def test_weight_sync_senders():
+    """rank0: later stages hop their buckets to rank 0, which broadcasts all; stage: each stage's
+    leader broadcasts its own, nothing crosses stages."""
+    arch = Arch.from_hf(KNOWN_ARCHITECTURES["deepseek-r1-distill-qwen-1.5b"])
+    layout, shapes = Layout(tp=2, pp=2, dp=2), StepShapes(b=1, s=64, old_policy=1, updates=(1,))
+    by = {}
+    for dest in ("rank0", "stage"):
+        ev = predict_step(arch, layout, Workload(sync_destination=dest), shapes)
+        ev = [e for e in ev if e.phase == "weight_sync"]
+        by[dest] = {k: v["bytes"] for k, v in totals(ev, ("role", "rank")).items()}
+    stage1_leader = 4  # tp 0, dp 0 of the second stage (order tp-dp-pp)
+    stage = by["stage"]
+    assert by["rank0"][("weight-sync", 0)] == stage[("weight-sync", 0)] + stage[("weight-sync", stage1_leader)]
+    assert by["rank0"][("PP", stage1_leader)] == by["stage"][("weight-sync", stage1_leader)]
+    assert ("PP", stage1_leader) not in by["stage"]
+    assert by["rank0"][("weight-sync", 0)] == total_params(arch) * 2  # every HF tensor once, in bf16
