@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-GPU memory kept for the CUDA context, NCCL and fragmentation (default 4 GiB)")
     parser.add_argument("--hf-config", default=None,
                         help="config.json of the model when model.path holds none and it is not built in")
+    parser.add_argument("--mean-sample-tokens", type=int, default=None,
+                        help="packed micro-batches: mean prompt + response tokens per sample (default: every sample "
+                             "as long as the recipe allows, the worst case)")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the whole plan as JSON here")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from erc_megatron.plan.report import comm_table, memory_table, to_json
     from erc_megatron.plan.search import Hardware, evaluate, layout_problems, search
 
-    for name in ("gpus", "gpus_per_node", "top"):
+    for name in ("gpus", "gpus_per_node", "top", "mean_sample_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -40,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     hw = Hardware(gpus=gpus, gpu_memory_bytes=int(args.gpu_memory_gb * 1e9), gpus_per_node=args.gpus_per_node,
                   reserve_bytes=int(args.reserve_gb * 2**30))
     arch, work = rec.arch, rec.work
+    if args.mean_sample_tokens:
+        from dataclasses import replace
+
+        work = replace(work, mean_tokens_per_sample=float(args.mean_sample_tokens))
     print(f"model {arch.name} ({rec.arch_source}): {arch.num_layers} layers, hidden {arch.hidden}"
           + (f", {arch.num_experts} experts top-{arch.topk}" if arch.is_moe else "")
           + f"; {gpus} GPUs x {args.gpu_memory_gb:g} GB; {work.params_dtype}, "

@@ -29,10 +29,11 @@ reduce-scatter's full input, a batched p2p call's larger direction). Roles are t
 - MP: the optimizer's grad-norm all-reduce (one fp32 scalar per optimizer step; over the whole
   distributed-optimizer instance when that is on, role DP).
 - statistics: the step statistics' two world all-reduces (SUM, MAX; float64) per optimizer step.
-- weight sync (`destination="rank0"`, erc_megatron/weights/hf_stream.py): per gather group a TP
-  gather (gloo) or all-gather (NCCL) of the split parameters on data-parallel replica 0, later
-  stages' buckets to rank 0 over PP (isend / recv), one broadcast per bucket on the weight-sync
-  group (rank 0), and one pickled outcome broadcast on the world group.
+- weight sync (erc_megatron/weights/hf_stream.py): per gather group a TP gather (gloo) or
+  all-gather (NCCL) of the split parameters on data-parallel replica 0; with `destination="rank0"`
+  later stages' buckets go to rank 0 over PP (isend / recv) and rank 0 broadcasts every bucket on
+  the weight-sync group, with `"stage"` each stage's leader broadcasts its own; one pickled outcome
+  broadcast on the world group.
 - world: the rollout reaches every rank in one pickled broadcast (an estimate: pickle sizes are
   not a function of shapes).
 """
@@ -345,7 +346,7 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
             if moe and layout.ep > 1:  # experts of every EP rank to EP rank 0 of the stage leader's group
                 local = count(expert) * elem
                 add(rank, "weight_sync", "EP", "gather", local * layout.ep if rank == 0 else local)
-            if tp_rank == 0 and pp > 1:
+            if tp_rank == 0 and pp > 1 and work.sync_destination == "rank0":
                 if stage > 0:
                     for b in mine["buckets"]:
                         add(rank, "weight_sync", "PP", "p2p", b)
@@ -353,10 +354,13 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                     for later in per_stage[1:]:
                         for b in later["buckets"]:
                             add(rank, "weight_sync", "PP", "p2p", b)
-        if rank == 0:
+        if rank == 0 and work.sync_destination == "rank0":
             for st in per_stage:
                 for b in st["buckets"]:
                     add(rank, "weight_sync", "weight-sync", "broadcast", b)
+        elif work.sync_destination == "stage" and tp_rank == 0 and dp_rank == 0:
+            for b in mine["buckets"]:
+                add(rank, "weight_sync", "weight-sync", "broadcast", b)
         add(rank, "weight_sync", "world", "broadcast_object", 200)
 
     for rank in range(layout.world):

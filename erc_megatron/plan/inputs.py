@@ -152,6 +152,9 @@ class Workload:
     loss: dict = field(default_factory=dict)
     """The recipe's `loss` section (which step statistics travel)."""
     nll_coef: float = 0.0
+    sync_destination: str = "rank0"
+    """Weight sync senders (erc_megatron/weights/hf_stream.py): "rank0" (later stages hop their
+    buckets to rank 0, which broadcasts all) or "stage" (each stage's leader broadcasts its own)."""
 
     @property
     def param_bytes(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 
 
 def _state_bytes(learner) -> dict[str, int]:
@@ -104,6 +105,17 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------------- comparison
+def trainer_sync_destination() -> str:
+    """Which senders this checkout's weight sync uses: "stage" if it asks hf_stream for per-stage
+    buckets, else "rank0" (the one sender of today's trainer)."""
+    import inspect
+
+    from erc_megatron.sync import weight_sync
+
+    src = inspect.getsource(weight_sync)
+    return "stage" if ('destination="stage"' in src or "destination='stage'" in src) else "rank0"
+
+
 def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) -> dict:
     """Predicted vs measured bytes and calls per role (and per role and op), and memory, of one layout's
     profiled step. The prediction takes the step's micro-batch shapes from the profile (the data decide
@@ -120,7 +132,7 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
     from erc_megatron.plan.inputs import trainer_has
 
     layout = layout_from_recipe(tree, world, trainer_has(ParallelConfig, "use_distributed_optimizer"))
-    work = workload_from_recipe(tree, backend="gloo")
+    work = replace(workload_from_recipe(tree, backend="gloo"), sync_destination=trainer_sync_destination())
     with open(os.path.join(run_dir, "comm_profile.json")) as f:
         profile = json.load(f)
     shapes = shapes_from_profile(profile)

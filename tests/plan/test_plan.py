@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from erc_megatron.model.config import ConfigError
-from erc_megatron.plan.comm import (distopt_shard_numel, grad_buffer_numel, pipeline_p2p_calls, predict_step,
-                                    statistics_sizes, totals)
+from erc_megatron.plan.comm import (distopt_shard_numel, grad_buffer_numel, grad_buffer_ranges, pipeline_p2p_calls,
+                                    predict_step, statistics_sizes, totals)
 from erc_megatron.plan.inputs import KNOWN_ARCHITECTURES, Arch, Layout, StepShapes, Workload, load_raw_recipe
 from erc_megatron.plan.memory import model_state_bytes
 from erc_megatron.plan.params import Param, active_params, total_params
@@ -134,3 +134,66 @@ def test_plan_refuses_bad_arguments_naming_them(tmp_path):
         cli.main(["plan", "--config", recipe, "--gpus", "12"])
     with pytest.raises(ConfigError, match="--hf-config"):
         cli.main(["plan", "--config", recipe, "model.path=/nowhere/SomeModel"])
+
+
+def test_weight_sync_senders():
+    """rank0: later stages hop their buckets to rank 0, which broadcasts all; stage: each stage's
+    leader broadcasts its own, nothing crosses stages."""
+    arch = Arch.from_hf(KNOWN_ARCHITECTURES["deepseek-r1-distill-qwen-1.5b"])
+    layout, shapes = Layout(tp=2, pp=2, dp=2), StepShapes(b=1, s=64, old_policy=1, updates=(1,))
+    by = {}
+    for dest in ("rank0", "stage"):
+        ev = predict_step(arch, layout, Workload(sync_destination=dest), shapes)
+        ev = [e for e in ev if e.phase == "weight_sync"]
+        by[dest] = {k: v["bytes"] for k, v in totals(ev, ("role", "rank")).items()}
+    stage1_leader = 4  # tp 0, dp 0 of the second stage (order tp-dp-pp)
+    stage = by["stage"]
+    assert by["rank0"][("weight-sync", 0)] == stage[("weight-sync", 0)] + stage[("weight-sync", stage1_leader)]
+    assert by["rank0"][("PP", stage1_leader)] == by["stage"][("weight-sync", stage1_leader)]
+    assert ("PP", stage1_leader) not in by["stage"]
+    assert by["rank0"][("weight-sync", 0)] == total_params(arch) * 2  # every HF tensor once, in bf16
+
+
+def test_buffer_layout_equals_megatrons_own():
+    """megatron-core's _ParamAndGradBuffer (built on CPU, no collective issued) places every
+    parameter where grad_buffer_ranges says, with and without the distributed optimizer."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from erc_megatron.patches.megatron_cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    class Group:  # all the buffer asks of its data-parallel group
+        def __init__(self, n: int):
+            self.n = n
+
+        def size(self) -> int:
+            return self.n
+
+        def rank(self) -> int:
+            return 0
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for sizes in ((100, 30, 7, 250), (64, 1, 129, 3000, 5)):
+            for distopt in (False, True):
+                for dp in (1, 2, 4, 6):
+                    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+                    buf = _ParamAndGradBuffer(
+                        DistributedDataParallelConfig(use_distributed_optimizer=distopt, grad_reduce_in_fp32=True),
+                        torch.float32, torch.float32, params, Group(dp), None,
+                        {p: f"p{i}" for i, p in enumerate(params)}, 1.0, list(range(len(params))), False,
+                        types.SimpleNamespace(tp=Group(1), dp_cp=Group(dp)))
+                    ranges, numel = grad_buffer_ranges([Param(n, n, True) for n in sizes], distopt, dp)
+                    assert numel == buf.numel, (sizes, distopt, dp)
+                    assert sorted(ranges) == sorted(buf.param_index_map[p][:2] for p in params), (sizes, distopt, dp)
+    finally:
+        if started:
+            dist.destroy_process_group()
