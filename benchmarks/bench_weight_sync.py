@@ -27,7 +27,7 @@ bucket size, each after one warm-up:
            copied into shared memory and POSTed to /update_weights_from_tensor (handles only).
 
 Wall times are medians over --repeats, taken on rank 0 between a barrier and the end of the
-collective. MB/s = bytes / seconds (MB = 2**20 bytes). Numbers on a shared CPU box are noisy:
+collective; so are the CPU seconds every learner rank and the server process spent in them. MB/s = bytes / seconds (MB = 2**20 bytes). Numbers on a shared CPU box are noisy:
 the 1-, 5- and 15-minute load averages are printed before and after (every learner rank and the
 server need a core of their own for the figures to mean anything).
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -64,15 +65,33 @@ def make_model(path: str, args) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+_SERVER_PID: list[int] = []  # rank 0: the embedded server's process, whose CPU time counts too
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system, every thread) of this rank, and on rank 0 of the server process too."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    for pid in _SERVER_PID:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def _median_time(fn, repeats: int) -> tuple[float, float]:
+    """Medians of the wall time and of the CPU seconds all learner ranks and the server spent."""
+    times, cpu = [], []
     for _ in range(repeats):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         fn()
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        spent = torch.tensor([_cpu_seconds() - c0], dtype=torch.float64)
+        dist.all_reduce(spent)
+        cpu.append(float(spent))
+    return statistics.median(times), statistics.median(cpu)
 
 
 def _plain_broadcast(client, url: str, group, group_name: str, buffers: list[torch.Tensor]) -> None:
@@ -111,6 +130,7 @@ def run(rank: int, args, path: str) -> None:
     server = client = None
     if rank == 0:
         server = launch_server_process(path, extra_args=["--num-threads", str(args.server_threads)])
+        _SERVER_PID.append(server.process.pid)
         client = SGLangClient([server.url], timeout=1800, max_retries=1)
     try:
         # the weights' values do not matter here, only their layout: megatron's own init
@@ -173,8 +193,10 @@ def run(rank: int, args, path: str) -> None:
             t_flat = _median_time(plain_flat, args.repeats)
             del flat
             sync.close()
-            rows.append(dict(mb=mb, buckets=len(sizes), nbytes=sum(sizes), sync=t_sync, stream=t_stream,
-                             plain=t_plain, flat=t_flat, tensor=t_tensor, wait=statistics.median(waits[1:] or waits)))
+            rows.append(dict(mb=mb, buckets=len(sizes), nbytes=sum(sizes), sync=t_sync[0], stream=t_stream[0],
+                             plain=t_plain[0], flat=t_flat[0], tensor=t_tensor[0],
+                             wait=statistics.median(waits[1:] or waits), cpu_sync=t_sync[1], cpu_plain=t_plain[1],
+                             cpu_stream=t_stream[1]))
         if rank == 0:
             _print_table(rows, args, cfg)
     finally:
@@ -195,7 +217,7 @@ def _print_table(rows: list[dict], args, cfg) -> None:
           f"{args.repeats}")
     head = (f"{'bucket MB':>9} {'buckets':>7} {'bytes':>12} | {'sync s':>7} {'MB/s':>7} {'wait s':>6} | {'stream s':>8} | "
             f"{'plain s':>7} {'MB/s':>7} | {'flat s':>7} {'MB/s':>7} | {'sync/plain':>10} {'sync/flat':>9} | "
-            f"{'tensor s':>8}")
+            f"{'tensor s':>8} | {'cpu sync':>8} {'cpu plain':>9} {'ratio':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -204,12 +226,14 @@ def _print_table(rows: list[dict], args, cfg) -> None:
               f"{r['wait']:>6.3f} | "
               f"{r['stream']:>8.3f} | {r['plain']:>7.3f} {rate(n, r['plain']):>7.1f} | {r['flat']:>7.3f} "
               f"{rate(n, r['flat']):>7.1f} | {r['sync'] / r['plain']:>10.2f} {r['sync'] / r['flat']:>9.2f} | "
-              f"{r['tensor']:>8.3f}")
+              f"{r['tensor']:>8.3f} | {r['cpu_sync']:>8.2f} {r['cpu_plain']:>9.2f} "
+              f"{r['cpu_sync'] / r['cpu_plain']:>5.2f}")
     best = min(r["sync"] / r["plain"] for r in rows)
     nbytes = args.project_params * 2
     nic = args.project_gbps / 8 * 1e9 * args.project_efficiency  # bytes/s of one NIC
     print(f"wait s: the slowest sender's wait for its next bucket's gather inside a sync (what the overlap did "
-          f"not hide).\nProjection, {args.project_params / 1e9:g}B parameters in bf16 ({nbytes / 1e9:g} GB), each "
+          f"not hide). cpu: CPU seconds (user + system) of all learner ranks and the server per sync / plain "
+          f"broadcast, and their ratio; with fewer free cores than processes, wall time follows it.\nProjection, {args.project_params / 1e9:g}B parameters in bf16 ({nbytes / 1e9:g} GB), each "
           f"sender GPU with its own {args.project_gbps:g} Gb/s NIC at {args.project_efficiency:.0%} efficiency, "
           f"{args.project_nics} NICs per node (the servers' node receives at most that many streams at once):")
     for stages in sorted({1, 2, 4, args.project_nics}):

@@ -36,6 +36,7 @@ ENDPOINT_CLASSES = {
     "/update_weights_from_disk": "UpdateWeightFromDiskReqInput",
     "/update_weights_from_tensor": "UpdateWeightsFromTensorReqInput",
     "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/update_weight_version": "UpdateWeightVersionReqInput",
     "/release_memory_occupation": "ReleaseMemoryOccupationReqInput",
     "/resume_memory_occupation": "ResumeMemoryOccupationReqInput",
 }
@@ -85,6 +86,14 @@ def drive_client(url: str, model_dir: str, sent_log) -> dict:
                          "interop", "v1", "flattened_bucket", True)
     dist.broadcast(flatten_tensors([norm]), src=0, group=group)
     done.result(60)
+    # the weight sync's commit: buckets staged with flush_cache=false, then the version alone
+    done = client.submit(client.update_weights_from_distributed, url, ["model.norm.weight"], [torch.float32], [[32]],
+                         "interop", None, "flattened_bucket", False)
+    dist.broadcast(flatten_tensors([norm]), src=0, group=group)
+    done.result(60)
+    client.flush_cache()
+    client.update_weight_version("v1b")
+    assert client.get_weight_version() == {url: "v1b"}
     client.destroy_weights_update_group(url, "interop")
     destroy_custom_process_group(group)
     dist.destroy_process_group()
