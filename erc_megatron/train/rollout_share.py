@@ -93,8 +93,11 @@ class RolloutShare:
         self.distributed = dist.is_initialized() and dist.get_world_size(group) > 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.dp_of_rank = [dp_rank]
+        # NCCL moves CUDA tensors only (broadcast_object_list does this move by itself)
+        nccl = self.distributed and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         if self.distributed:
-            mine = torch.tensor([dp_rank], dtype=torch.int64)
+            mine = torch.tensor([dp_rank], dtype=torch.int64, device=self.device)
             every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(every, mine, group=group)
             self.dp_of_rank = [int(t) for t in every]
@@ -132,22 +135,23 @@ class RolloutShare:
         if n == 0:
             return None, metrics
         if self.distributed:
-            if table_t is None:
-                table_t = torch.zeros(n, 4, dtype=torch.float64)
+            table_t = torch.zeros(n, 4, dtype=torch.float64) if table_t is None else table_t
+            table_t = table_t.to(self.device)
             dist.broadcast(table_t, src=0, group=self.group)
+            table_t = table_t.cpu()
         table = _table_from_tensor(table_t, header)
         plans = plans if plans is not None else self.plan_fn(table)
         lengths = [payload_length(table, samples_of_rank(plans, d)) for d in range(self.dp_size)]
         mine = samples_of_rank(plans, self.dp_rank)
         if self.distributed:
             longest = max(lengths)
-            out = torch.zeros(longest, dtype=torch.int32)
+            out = torch.zeros(longest, dtype=torch.int32, device=self.device)
             scatter_list = None
             if self.rank == 0:
-                padded = [torch.cat([p, p.new_zeros(longest - p.numel())]) for p in payloads]
+                padded = [torch.cat([p, p.new_zeros(longest - p.numel())]).to(self.device) for p in payloads]
                 scatter_list = [padded[d] for d in self.dp_of_rank]
             dist.scatter(out, scatter_list, src=0, group=self.group)
-            payload = out[:lengths[self.dp_rank]]
+            payload = out[:lengths[self.dp_rank]].cpu()
         else:
             payload = payloads[self.dp_rank]
         return StepShare(table, plans, decode_share(payload, table, mine)), metrics
