@@ -15,7 +15,7 @@ packed-specific.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -45,6 +45,12 @@ class MicroBatch:
 
     def with_(self, **kw) -> MicroBatch:
         return replace(self, **kw)
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """Every tensor on `device` (micro-batches are built on the CPU; the model may be on a GPU)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 

@@ -139,8 +139,12 @@ def _to_packed_micro_batch(samples: list[Sample | None], row_length: int, pad_id
 
 
 def build_minibatches(table: RolloutTable, plans: list[MiniBatchPlan], samples: dict[int, Sample], dp_rank: int,
-                      pad_id: int, max_tokens: int | None = None, seq_length: int | None = None) -> list[MiniBatch]:
-    """This rank's micro-batches from the samples it received (`samples[global index]`)."""
+                      pad_id: int, max_tokens: int | None = None, seq_length: int | None = None,
+                      device: torch.device | str | None = None) -> list[MiniBatch]:
+    """This rank's micro-batches from the samples it received (`samples[global index]`), on `device`
+    (None: the current CUDA device when there is one, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     if max_tokens is None:
         length = seq_length or step_seq_length(table)
     else:
@@ -148,8 +152,8 @@ def build_minibatches(table: RolloutTable, plans: list[MiniBatchPlan], samples: 
 
     def make(chosen: list[Sample | None]) -> MicroBatch:
         if max_tokens is None:
-            return _to_micro_batch(chosen, length, pad_id)
-        return _to_packed_micro_batch(chosen, length, pad_id)
+            return _to_micro_batch(chosen, length, pad_id).to(device)
+        return _to_packed_micro_batch(chosen, length, pad_id).to(device)
     out = []
     for p in plans:
         mine = [make([samples[i] if i is not None else None for i in mb]) for mb in p.ranks[dp_rank]]

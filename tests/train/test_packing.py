@@ -139,6 +139,21 @@ def test_packed_plan_gives_every_sample_once_and_micro_batches_hold_its_values()
             assert mb.rewards.tolist() == ([flat[i].reward for i in real] or [float("-inf")])
 
 
+@pytest.mark.parametrize("max_tokens", [None, 16])
+def test_micro_batches_are_built_on_the_requested_device(max_tokens):
+    # the meta device stands in for a GPU: every tensor the forward, loss and denominators read must move
+    from erc_megatron.train.minibatch import build_minibatches
+
+    groups = _groups(3)
+    table = RolloutTable.from_groups(groups)
+    plans = plan_minibatches(table, 2, dp_size=1, micro_batch_size=4, max_tokens=max_tokens)
+    flat = dict(enumerate(s for g in groups for s in g))
+    mbs = [mb for m in build_minibatches(table, plans, flat, 0, 0, max_tokens, device="meta") for mb in m.mine]
+    tensors = [getattr(mb, f) for mb in mbs for f in ("tokens", "labels", "loss_mask", "advantages", "rollout_logp",
+                                                       "rewards", "position_ids")]
+    assert mbs and all(t is not None and t.device.type == "meta" for t in tensors)
+
+
 def test_compact_payload_round_trip():
     groups = _groups(7)
     flat = [s for g in groups for s in g]
