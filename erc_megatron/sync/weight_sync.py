@@ -200,6 +200,9 @@ def start_rollout_servers(cfg, log_dir: str | None = None):
 
 
 SYNC_MODES = ("distributed", "tensor")
+SENDERS = {"distributed": "stage", "tensor": "rank0"}
+"""Who sends in each mode (hf_stream's `destination`): one sender per pipeline stage, or rank 0 alone
+(colocated: rank 0 posts every bucket). The planner models the same senders."""
 
 
 class WeightSync:
@@ -350,7 +353,7 @@ class WeightSync:
             dist.all_gather_object(joined, ok)
             send = ok and all(joined)
         buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
-                                  destination="stage")
+                                  destination=SENDERS["distributed"])
         if sender:
             total = len(plan_hf_buckets(self.model_cfg, stages, self.bucket_bytes, self.dtype)[stage])
             prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
@@ -442,7 +445,7 @@ class WeightSync:
         total = sum(len(s) for s in plan_hf_buckets(self.model_cfg, ps.get_pipeline_model_parallel_world_size(),
                                                     self.bucket_bytes, self.dtype))
         buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
-                                  destination="rank0")
+                                  destination=SENDERS["tensor"])
         if self.rank != 0:
             for _ in buckets:  # other ranks only take part in the gathers
                 pass

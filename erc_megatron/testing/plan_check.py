@@ -105,15 +105,11 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------------- comparison
-def trainer_sync_destination() -> str:
-    """Which senders this checkout's weight sync uses: "stage" if it asks hf_stream for per-stage
-    buckets, else "rank0" (the one sender of today's trainer)."""
-    import inspect
+def trainer_sync_destination(mode: str = "distributed") -> str:
+    """Which senders the trainer's weight sync uses in `mode` ("stage" or "rank0")."""
+    from erc_megatron.sync.weight_sync import SENDERS
 
-    from erc_megatron.sync import weight_sync
-
-    src = inspect.getsource(weight_sync)
-    return "stage" if ('destination="stage"' in src or "destination='stage'" in src) else "rank0"
+    return SENDERS[mode]
 
 
 def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) -> dict:
