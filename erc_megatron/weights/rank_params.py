@@ -31,23 +31,46 @@ class RankGroups:
     """Size of pp_group."""
     dp_rank: int
     """Rank in dp_group (0 when there is none)."""
+    ep_rank: int = 0
+    """Expert-parallel rank (which experts this rank holds); 0 for a dense model."""
+    ep_size: int = 1
+    """Expert-parallel size."""
+    etp_rank: int | None = None
+    """Rank in the expert tensor-parallel group (None: the same as tp_rank)."""
+    etp_size: int | None = None
+    """Expert tensor-parallel size (None: the same as tp_size)."""
+    etp_group: object | None = None
+    """Expert tensor-parallel group (None: tp_group)."""
+
+    def split_rank(self, expert: bool) -> tuple[int, int]:
+        """(rank, size) in the group a parameter is split over: the expert TP group for expert weights."""
+        if expert and self.etp_size is not None:
+            return self.etp_rank, self.etp_size
+        return self.tp_rank, self.tp_size
 
 
 def rank_groups(tp_group=None, pp_group=None, dp_group=None) -> RankGroups:
     """Explicit groups where given, megatron's parallel_state for the rest (no DP replicas without it)."""
     from megatron.core import parallel_state as ps
 
+    expert: dict = {}
     if ps.model_parallel_is_initialized():
         tp_group = ps.get_tensor_model_parallel_group() if tp_group is None else tp_group
         pp_group = ps.get_pipeline_model_parallel_group() if pp_group is None else pp_group
         dp_group = ps.get_data_parallel_group(with_context_parallel=True) if dp_group is None else dp_group
+        ep_size = ps.get_expert_model_parallel_world_size()
+        etp_group = ps.get_expert_tensor_parallel_group(check_initialized=False)
+        if etp_group is not None:
+            expert = dict(ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ep_size,
+                          etp_rank=dist.get_rank(etp_group), etp_size=dist.get_world_size(etp_group),
+                          etp_group=etp_group)
     elif tp_group is None or pp_group is None:
         raise RuntimeError("megatron parallel_state is not initialised: call erc_megatron.dist.init_distributed "
                            "or pass tp_group and pp_group")
     return RankGroups(tp_group, pp_group, dp_group,
                       dist.get_rank(tp_group), dist.get_world_size(tp_group),
                       dist.get_rank(pp_group), dist.get_world_size(pp_group),
-                      0 if dp_group is None else dist.get_rank(dp_group))
+                      0 if dp_group is None else dist.get_rank(dp_group), **expert)
 
 
 def unwrap_model(model) -> torch.nn.Module:
@@ -61,12 +84,13 @@ def unwrap_model(model) -> torch.nn.Module:
     return model
 
 
-def rank_parameters(model, cfg: ModelConfig, pp_rank: int, pp_size: int
+def rank_parameters(model, cfg: ModelConfig, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1
                     ) -> tuple[list[LocalParam], dict[str, torch.nn.Parameter]]:
-    """This stage's parameter plan and its parameters by local-spec name; fails if the model differs."""
+    """This stage's parameter plan (with EP rank `ep_rank`'s experts) and its parameters by local-spec
+    name; fails if the model differs."""
     gpt = unwrap_model(model)
     params = {canonical_name(n): p for n, p in gpt.named_parameters()}
-    plan = stage_params(cfg, pp_rank, pp_size)
+    plan = stage_params(cfg, pp_rank, pp_size, ep_rank, ep_size)
     want = {p.local_name for p in plan}
     missing, unexpected = sorted(want - set(params)), sorted(set(params) - want)
     if missing or unexpected:
