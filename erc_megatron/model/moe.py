@@ -3,7 +3,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from erc_megatron.model.config import ModelConfig
+from erc_megatron.model.config import MOE_ARCHITECTURES, ConfigError, ModelConfig
+
+
+def moe_overrides(section: Any, hf_config: Any) -> dict[str, Any]:
+    """ModelConfig overrides from the run config's model section (moe_* keys) for this checkpoint.
+
+    A dense checkpoint refuses MoE settings that differ from their defaults instead of ignoring them.
+    """
+    defaults = {"moe_aux_loss_coeff": None, "moe_router_load_balancing_type": "aux_loss",
+                "moe_token_dispatcher_type": "alltoall"}
+    chosen = {k: getattr(section, k) for k in defaults}
+    arch = (getattr(hf_config, "architectures", None) or [""])[0]
+    if arch not in MOE_ARCHITECTURES:
+        changed = sorted(k for k, v in chosen.items() if v != defaults[k])
+        if changed:
+            raise ConfigError(f"{', '.join('model.' + k for k in changed)} set, but the checkpoint is dense "
+                              f"({arch or type(hf_config).__name__}); MoE settings need one of {MOE_ARCHITECTURES}")
+        return {}
+    return {k: v for k, v in chosen.items() if v is not None}
 
 
 def moe_transformer_kwargs(model: ModelConfig, expert_model_parallel_size: int = 1,
@@ -34,4 +52,4 @@ def moe_transformer_kwargs(model: ModelConfig, expert_model_parallel_size: int =
     )
 
 
-__all__ = ["moe_transformer_kwargs"]
+__all__ = ["moe_overrides", "moe_transformer_kwargs"]

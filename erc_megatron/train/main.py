@@ -102,10 +102,12 @@ def train(cfg) -> dict:
     from erc_megatron.train.update import minibatch_denominators, update_policy
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
+    from erc_megatron.model.moe import moe_overrides
+
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config,
                                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                           params_dtype=cfg.model.params_dtype)
+                                           params_dtype=cfg.model.params_dtype, **moe_overrides(cfg.model, hf_config))
     launch = init_distributed(cfg.parallel, model_cfg)
     from megatron.core import parallel_state as ps
 
