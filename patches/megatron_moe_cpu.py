@@ -12,8 +12,13 @@ Fixes:
     allocated there too.
  2. All-to-all dispatcher: a class-wide side `torch.cuda.Stream()` for the device-to-host copy
     of the split sizes, and `torch.cuda.stream` / `current_stream` / `record_event` around that
-    copy. On CPU the sizes are already on the host, so the stream is a synchronous stand-in.
- 3. Without Transformer Engine `moe_utils.te_general_gemm` is never defined (its import sits in
+    copy. On CPU the sizes are already on the host, so the stream is a synchronous stand-in. The
+    copy (`maybe_move_tensor_to_cpu`) turns the split sizes into numpy arrays only for CUDA
+    tensors; `all_to_all_single` takes sequences of ints and refuses a CPU torch tensor, so on
+    CPU the split sizes become numpy arrays too, as they are on a GPU.
+ 3. `tensor_parallel.mappings._AllToAll.forward` (the all-to-all-v under every EP dispatch) allocates
+    its output on `torch.cuda.current_device()`.
+ 4. Without Transformer Engine `moe_utils.te_general_gemm` is never defined (its import sits in
     the `try` that sets HAVE_TE) but `RouterGatingLinearFunction` tests it against None: it is
     set to None, so the router takes its torch.mm path. Needed on a GPU without TE as well.
 """
@@ -59,6 +64,13 @@ def _host_stream(*_args) -> _HostStream:
     return _HOST_STREAM
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """`maybe_move_tensor_to_cpu` for tensors already on the host: numpy where asked, as on a GPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _patch_router() -> None:
     router = importlib.import_module("megatron.core.transformer.moe.router")
     rewrite_function(router.Router, "gating", [_CURRENT_DEVICE], CHECKED)
@@ -72,8 +84,10 @@ def _patch_dispatcher() -> None:
     rewrite_function(cls, "_maybe_dtoh_and_synchronize", [
         Rewrite("torch.cuda.current_stream()", "_erc_host_stream()"),
         Rewrite("torch.cuda.stream(self.cuda_dtoh_stream)", "_erc_host_stream(self.cuda_dtoh_stream)"),
+        Rewrite("maybe_move_tensor_to_cpu(", "_erc_host_copy("),
     ], CHECKED)
     dispatcher._erc_host_stream = _host_stream
+    dispatcher._erc_host_copy = _host_copy
 
 
 def _patch_missing_te_gemm() -> None:
@@ -83,6 +97,11 @@ def _patch_missing_te_gemm() -> None:
                                    f"re-check the te_general_gemm fallback (checked {CHECKED})")
     if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _patch_all_to_all() -> None:
+    mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
+    rewrite_function(mappings._AllToAll, "forward", [_CURRENT_DEVICE], CHECKED)
 
 
 def apply_moe_cpu_patches(force: bool = False) -> bool:
@@ -101,6 +120,10 @@ def apply_moe_cpu_patches(force: bool = False) -> bool:
     apply_cpu_patches(force=force)
     _patch_router()
     _patch_dispatcher()
+    _patch_all_to_all()
+    from .gloo_uneven_collectives import apply_gloo_uneven_collectives
+
+    apply_gloo_uneven_collectives()  # the dispatchers' uneven TP gathers (see that module)
     _applied = True
     log.debug("applied megatron-core MoE CPU fixes (%s)", CHECKED)
     return True

@@ -29,6 +29,11 @@ def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int
 
     dtype = torch_dtype(model.params_dtype)
     on_gpu = torch.cuda.is_available()
+    if sequence_parallel and not have_transformer_engine():
+        # the local spec's torch norms refuse sequence parallelism; Transformer Engine's do not
+        from erc_megatron.patches.megatron_torch_norm_sp import apply_torch_norm_sequence_parallel
+
+        apply_torch_norm_sequence_parallel()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

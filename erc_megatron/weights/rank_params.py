@@ -41,6 +41,15 @@ class RankGroups:
     """Expert tensor-parallel size (None: the same as tp_size)."""
     etp_group: object | None = None
     """Expert tensor-parallel group (None: tp_group)."""
+    ep_group: object | None = None
+    """Expert-parallel group (same expert TP and expert DP position, one rank per expert shard)."""
+    edp_rank: int = 0
+    """Rank among the replicas of this rank's experts (expert data parallel)."""
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether experts are laid out differently from the dense weights (EP > 1 or expert TP != TP)."""
+        return self.ep_size > 1 or (self.etp_size is not None and self.etp_size != self.tp_size)
 
     def split_rank(self, expert: bool) -> tuple[int, int]:
         """(rank, size) in the group a parameter is split over: the expert TP group for expert weights."""
@@ -63,7 +72,8 @@ def rank_groups(tp_group=None, pp_group=None, dp_group=None) -> RankGroups:
         if etp_group is not None:
             expert = dict(ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ep_size,
                           etp_rank=dist.get_rank(etp_group), etp_size=dist.get_world_size(etp_group),
-                          etp_group=etp_group)
+                          etp_group=etp_group, ep_group=ps.get_expert_model_parallel_group(),
+                          edp_rank=ps.get_expert_data_parallel_rank())
     elif tp_group is None or pp_group is None:
         raise RuntimeError("megatron parallel_state is not initialised: call erc_megatron.dist.init_distributed "
                            "or pass tp_group and pp_group")
