@@ -10,6 +10,7 @@ server itself (same protocol as SGLang, same code path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -103,6 +104,7 @@ def train(cfg) -> dict:
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
 
     from erc_megatron.model.moe import moe_overrides
+    from erc_megatron.model.moe_metrics import RouterStats
 
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config,
@@ -184,10 +186,15 @@ def train(cfg) -> dict:
 
             t0 = time.perf_counter()
             updates = []
-            for m in minibatches:
-                den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
-                updates.append(update_policy(learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef))
+            routers = RouterStats(learner.model, model_cfg.num_layers, model_cfg.num_moe_experts,
+                                  model_cfg.moe_router_topk) if model_cfg.is_moe else contextlib.nullcontext()
+            with routers:
+                for m in minibatches:
+                    den = minibatch_denominators(m.everyone, cfg.loss.agg, cfg.trainer.nll_coef > 0)
+                    updates.append(update_policy(learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef))
             metrics.update(_mean_metrics(updates))
+            if model_cfg.is_moe:  # router load balance over the update's forward passes
+                metrics.update(routers.summarise())
             metrics["time/update"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
