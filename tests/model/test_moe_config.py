@@ -175,3 +175,28 @@ def test_hf_conversion_uses_per_expert_names_and_round_trips():
     assert torch.equal(shard, hf["model.layers.1.mlp.experts.2.down_proj.weight"][:, 6:])
     with pytest.raises(ConfigError, match="missing"):
         H.hf_to_megatron({n: t for n, t in hf.items() if "experts.3." not in n}, cfg)
+
+
+def test_load_balance_figures_match_megatron_switch_loss():
+    """moe/aux_loss is megatron's switch load-balancing loss divided by its coefficient; the load ratio
+    is 1 when balanced and E / top-k when every token picks the same experts."""
+    from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+
+    from erc_megatron.model.moe_metrics import load_balance_figures
+
+    g = torch.Generator().manual_seed(2)
+    tokens, experts, topk, coeff = 50, 6, 2, 0.01
+    logits = torch.randn(tokens, experts, generator=g, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    routing = torch.zeros_like(probs).scatter(1, probs.topk(topk, dim=-1).indices, 1.0)
+    per_expert = routing.sum(0)
+    want = switch_load_balancing_loss_func(probs, per_expert, tokens, topk, experts, coeff) / coeff
+    got = load_balance_figures(per_expert[None], probs.sum(0)[None], torch.tensor([float(tokens)]), topk)
+    assert abs(got["moe/aux_loss"] - float(want)) < 1e-12, (got, float(want))
+    assert got["moe/load_max_over_mean"] == float(per_expert.max() / per_expert.mean())
+    even = load_balance_figures(torch.full((1, 4), 10.0), torch.full((1, 4), 5.0), torch.tensor([20.0]), 2)
+    assert even == {"moe/aux_loss": 1.0, "moe/load_max_over_mean": 1.0}
+    skewed = load_balance_figures(torch.tensor([[20.0, 20.0, 0.0, 0.0]]), torch.tensor([[10.0, 10.0, 0.0, 0.0]]),
+                                  torch.tensor([20.0]), 2)
+    assert skewed == {"moe/aux_loss": 2.0, "moe/load_max_over_mean": 2.0}
+    assert load_balance_figures(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2), 2) == {}
