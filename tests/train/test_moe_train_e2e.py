@@ -4,8 +4,8 @@ weight sync under their per-expert names).
 
 The MoE demo model (4 experts per layer, top-2, made here with a short supervised warm-up) is
 trained with ERC-DAPO from examples/cpu_demo_moe.yaml. Every step must report the learner and
-rollout figures of a dense run plus the router load balance (moe/aux_loss within [1, E/top-k],
-the values the Switch loss can take; moe/load_max_over_mean within [1, E/top-k]), the progress
+rollout figures of a dense run plus the router load balance (moe/aux_loss = E * sum_e f_e P_e in
+(0, E], since the f_e sum to 1 and each P_e <= 1; moe/load_max_over_mean in [1, E/top-k]), the progress
 line must show them, and the checkpoint written at the end must be a Hugging Face Qwen3-MoE
 checkpoint with per-expert tensors that transformers loads.
 """
@@ -65,7 +65,7 @@ def test_erc_training_of_a_moe_at_expert_parallel_2(tmp_path):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1)), records
     for r in records:
         assert all(k in r for k in KEYS), sorted(set(KEYS) - set(r))
-        assert 1.0 - 1e-9 <= r["moe/aux_loss"] <= EXPERTS / TOPK + 1e-9, r
+        assert 0.0 < r["moe/aux_loss"] <= EXPERTS, r
         assert 1.0 <= r["moe/load_max_over_mean"] <= EXPERTS / TOPK + 1e-9, r
         assert r["grad_norm"] > 0 and r["entropy/mean"] > 0, r
     lines = [line for line in text.splitlines() if line.startswith(f"step {STEPS}/{STEPS}")]
