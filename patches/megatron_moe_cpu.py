@@ -1,7 +1,9 @@
 """CPU / gloo fixes for megatron-core's MoE layers (router, all-to-all token dispatcher).
 
 Checked against megatron-core 0.16.1 (Python 3.11), run here on CPU/gloo with the local layer
-spec (SequentialMLP experts) at EP1/EP2 x TP1/TP2 and PP2 (tests/model/test_moe_distributed.py).
+spec (SequentialMLP experts) at EP2/EP4 x TP1/TP2 and PP2 (tests/model/test_moe_distributed.py);
+the rewritten constructs are also present in 0.19.2's source (not run there: the Python 3.12
+subset, tests/run_py312.sh, has no MoE test).
 Applied only when CUDA is absent, after `megatron_cpu.apply_cpu_patches`. Each fix rewrites one
 construct inside one upstream function (see `source_rewrite`) after checking it is still there, so
 a changed upstream fails at start-up naming the function.
@@ -92,6 +94,8 @@ def _patch_dispatcher() -> None:
 
 def _patch_missing_te_gemm() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if hasattr(moe_utils, "te_general_gemm"):  # defined either way (0.19.x sets it to None without TE)
+        return
     if getattr(moe_utils, "HAVE_TE", None) is None:
         raise UpstreamChangedError(f"megatron.core.transformer.moe.moe_utils has no HAVE_TE flag any more; "
                                    f"re-check the te_general_gemm fallback (checked {CHECKED})")
