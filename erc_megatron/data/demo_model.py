@@ -49,7 +49,9 @@ from erc_megatron.model.config import ConfigError
 from erc_megatron.utils.console import Progress
 from erc_megatron.reward.math_reward import math_reward
 
-_ARCHITECTURES = ("qwen2", "llama")
+_ARCHITECTURES = ("qwen2", "llama", "qwen3_moe")
+# the MoE demo: every layer routes each token to 2 of 4 experts of a quarter of intermediate_size
+_MOE_EXPERTS, _MOE_TOPK = 4, 2
 
 
 @dataclass
@@ -57,7 +59,8 @@ class DemoModelConfig:
     """Shape of the tiny demo model."""
 
     architecture: str = "qwen2"
-    """'qwen2' (Qwen2ForCausalLM, bias on q/k/v) or 'llama' (LlamaForCausalLM, no biases)."""
+    """'qwen2' (Qwen2ForCausalLM, bias on q/k/v), 'llama' (LlamaForCausalLM, no biases) or 'qwen3_moe'
+    (Qwen3MoeForCausalLM: q/k norms, 4 experts per layer of intermediate_size / 4, top-2 renormalised)."""
     hidden_size: int = 64
     """Model width."""
     num_layers: int = 2
@@ -123,7 +126,8 @@ class WarmupConfig:
 
 
 def build_model(config: DemoModelConfig, tokenizer, seed: int = 0):
-    """A randomly initialised tiny `Qwen2ForCausalLM` / `LlamaForCausalLM` sized to the tokenizer."""
+    """A randomly initialised tiny `Qwen2ForCausalLM` / `LlamaForCausalLM` / `Qwen3MoeForCausalLM` sized to
+    the tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=len(tokenizer), hidden_size=config.hidden_size,
@@ -135,6 +139,15 @@ def build_model(config: DemoModelConfig, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     if config.architecture == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    elif config.architecture == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        moe = Qwen3MoeConfig(**common, num_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, norm_topk_prob=True,
+                             moe_intermediate_size=max(1, config.intermediate_size // _MOE_EXPERTS),
+                             router_aux_loss_coef=0.001, attention_bias=False,
+                             head_dim=config.hidden_size // config.num_attention_heads)
+        moe.architectures = ["Qwen3MoeForCausalLM"]
+        model = Qwen3MoeForCausalLM(moe)
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
     return model.float()

@@ -55,6 +55,10 @@ class ParallelLayout:
     """Data x context parallel: the ranks holding the same weights (gradients are reduced over it)."""
     ep: GroupPlace
     """Expert model parallel: the ranks splitting the experts of an MoE layer."""
+    etp: GroupPlace
+    """Expert tensor parallel: the ranks holding shards of the same experts (parallel.expert_tensor_parallel_size)."""
+    edp: GroupPlace
+    """Expert data parallel: the replicas of this rank's expert shards (expert gradients are reduced over it)."""
     mp: GroupPlace
     """Model parallel (tensor x pipeline): the ranks that together hold one copy of the model."""
     embedding: GroupPlace | None
@@ -96,6 +100,8 @@ def layout_from_parallel_state(launch) -> ParallelLayout:
         cp=GroupPlace.of(ps.get_context_parallel_group()),
         dp_cp=GroupPlace.of(ps.get_data_parallel_group(with_context_parallel=True)),
         ep=GroupPlace.of(ps.get_expert_model_parallel_group()),
+        etp=GroupPlace.of(ps.get_expert_tensor_parallel_group()),
+        edp=GroupPlace.of(ps.get_expert_data_parallel_group()),
         mp=GroupPlace.of(ps.get_model_parallel_group()),
         embedding=GroupPlace.of(embedding) if in_embedding else None,
     )

@@ -110,6 +110,7 @@ def init_distributed(parallel: ParallelConfig, model: ModelConfig | None = None,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     _LAYOUT = layout_from_parallel_state(env)

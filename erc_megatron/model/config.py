@@ -7,6 +7,10 @@ from typing import Any
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = (None, "uniform", "block")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+MOE_TOKEN_DISPATCHER_TYPES = ("alltoall", "allgather")
+# HF architectures of Mixture-of-Experts models (the others are dense)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,7 @@ def check_recompute(section: str, granularity: str | None, method: str | None, n
 
 @dataclass
 class ModelConfig:
-    """A Llama / Qwen2 / Qwen3-style dense decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """A Llama / Qwen2 / Qwen3-style decoder (RMSNorm, SwiGLU, RoPE, GQA), dense or Qwen3-MoE-style."""
 
     num_layers: int = 4
     """Number of transformer layers."""
@@ -79,7 +83,8 @@ class ModelConfig:
     params_dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     hf_architecture: str = "LlamaForCausalLM"
-    """Hugging Face architecture used when exporting (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."""
+    """Hugging Face architecture used when exporting (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    Qwen3MoeForCausalLM)."""
     recompute_granularity: str | None = None
     """Activation recomputation (megatron's): None keeps every activation, "full" recomputes whole
     transformer layers in backward (see recompute_method), "selective" only the attention core."""
@@ -88,6 +93,22 @@ class ModelConfig:
     recompute_num_layers layers of each pipeline stage."""
     recompute_num_layers: int | None = None
     """With "full": layers per group (uniform) or per stage (block); None otherwise."""
+    num_moe_experts: int | None = None
+    """Routed experts per layer (every layer is a MoE layer); None: a dense model."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU intermediate size of one expert (HF moe_intermediate_size); None: ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF num_experts_per_tok)."""
+    moe_router_pre_softmax: bool = False
+    """True: softmax over all experts, then top-k, weights not renormalised (HF norm_topk_prob=False).
+    False: softmax over the top-k logits, i.e. top-k probabilities renormalised to sum to 1
+    (HF norm_topk_prob=True)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (HF router_aux_loss_coef); 0 turns it off."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (per micro-batch, Switch-style, as HF), seq_aux_loss, global_aux_loss or none."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach their experts' ranks: alltoall or allgather (megatron's dispatchers)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
@@ -109,6 +130,37 @@ class ModelConfig:
         _require(self.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
         check_recompute("model", self.recompute_granularity, self.recompute_method, self.recompute_num_layers,
                         self.num_layers)
+        self._check_moe()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def _check_moe(self) -> None:
+        is_moe_arch = self.hf_architecture in MOE_ARCHITECTURES
+        if self.num_moe_experts is None:
+            _require(not is_moe_arch, f"model.hf_architecture {self.hf_architecture!r} is a Mixture-of-Experts "
+                                      f"model: set model.num_moe_experts")
+            return
+        _require(isinstance(self.num_moe_experts, int) and self.num_moe_experts >= 1,
+                 f"model.num_moe_experts must be a positive integer or None (dense), got {self.num_moe_experts!r}")
+        _require(is_moe_arch, f"model.num_moe_experts is set but model.hf_architecture {self.hf_architecture!r} "
+                              f"is dense; use one of {MOE_ARCHITECTURES}")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        _require(int(self.moe_ffn_hidden_size) > 0,
+                 f"model.moe_ffn_hidden_size must be a positive integer, got {self.moe_ffn_hidden_size}")
+        _require(1 <= int(self.moe_router_topk) <= self.num_moe_experts,
+                 f"model.moe_router_topk must be in [1, model.num_moe_experts={self.num_moe_experts}], "
+                 f"got {self.moe_router_topk}")
+        _require(float(self.moe_aux_loss_coeff) >= 0,
+                 f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        _require(self.moe_router_load_balancing_type in MOE_LOAD_BALANCING_TYPES,
+                 f"model.moe_router_load_balancing_type must be one of {MOE_LOAD_BALANCING_TYPES}, "
+                 f"got {self.moe_router_load_balancing_type!r}")
+        _require(self.moe_token_dispatcher_type in MOE_TOKEN_DISPATCHER_TYPES,
+                 f"model.moe_token_dispatcher_type must be one of {MOE_TOKEN_DISPATCHER_TYPES}, "
+                 f"got {self.moe_token_dispatcher_type!r}")
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
@@ -116,9 +168,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Any, **overrides: Any) -> ModelConfig:
-        """Build from a transformers PretrainedConfig (Llama, Qwen2, Qwen3 dense)."""
+        """Build from a transformers PretrainedConfig (Llama, Qwen2, Qwen3 dense, Qwen3-MoE)."""
         arch = (getattr(hf, "architectures", None) or [f"{type(hf).__name__.replace('Config', '')}ForCausalLM"])[0]
-        supported = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+        supported = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM") + MOE_ARCHITECTURES
         _require(arch in supported, f"Hugging Face architecture {arch!r} is not supported; supported: {supported}")
         act = getattr(hf, "hidden_act", "silu")
         _require(act == "silu", f"hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
@@ -138,12 +190,40 @@ class ModelConfig:
             rotary_base=float(rope_theta),
             norm_epsilon=hf.rms_norm_eps,
             add_qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
-            qk_layernorm=arch == "Qwen3ForCausalLM",
+            qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             untie_embeddings_and_output_weights=not bool(getattr(hf, "tie_word_embeddings", False)),
             hf_architecture=arch,
         )
+        if arch in MOE_ARCHITECTURES:
+            values.update(_moe_values_from_hf(hf))
         values.update(overrides)
         return cls(**values)
+
+
+def _moe_values_from_hf(hf: Any) -> dict[str, Any]:
+    """ModelConfig MoE fields from a Qwen3MoeConfig, refusing what megatron's MoE layer would not reproduce."""
+    num_experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+    _require(bool(num_experts), "the Hugging Face MoE config has no num_experts")
+    num_layers = hf.num_hidden_layers
+    step = getattr(hf, "decoder_sparse_step", 1)
+    dense_layers = sorted(getattr(hf, "mlp_only_layers", None) or [])
+    # Qwen3-MoE: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    sparse = [i for i in range(num_layers) if i not in dense_layers and step > 0 and (i + 1) % step == 0]
+    _require(len(sparse) == num_layers,
+             f"only all-MoE models are supported (every layer sparse): decoder_sparse_step={step} and "
+             f"mlp_only_layers={dense_layers} leave layers {sorted(set(range(num_layers)) - set(sparse))} dense; "
+             f"use decoder_sparse_step=1 and mlp_only_layers=[]")
+    shared = getattr(hf, "shared_expert_intermediate_size", None)
+    _require(not shared, f"shared experts (shared_expert_intermediate_size={shared}) are not supported")
+    return dict(
+        num_moe_experts=int(num_experts),
+        moe_ffn_hidden_size=int(hf.moe_intermediate_size),
+        moe_router_topk=int(hf.num_experts_per_tok),
+        # HF: softmax over all experts, top-k, then (norm_topk_prob) renormalise. Megatron's
+        # pre_softmax=False takes top-k logits then softmaxes over them: the same renormalised weights.
+        moe_router_pre_softmax=not bool(getattr(hf, "norm_topk_prob", False)),
+        moe_aux_loss_coeff=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+    )
 
 
 @dataclass
@@ -158,6 +238,8 @@ class ParallelConfig:
     """Sequence split across ranks for attention (GPU with Transformer Engine only)."""
     expert_model_parallel_size: int = 1
     """Expert parallel size (MoE models only; dense models need 1)."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallel size inside each expert (MoE models only); None: tensor_model_parallel_size."""
     seed: int = 1234
     """Base seed for megatron's RNG trackers and parameter initialisation."""
     distributed_timeout_minutes: int = 10
@@ -182,6 +264,14 @@ class ParallelConfig:
         _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
                  f"parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1 (it splits the sequence "
                  f"over the tensor-parallel ranks), got tensor_model_parallel_size {self.tensor_model_parallel_size}")
+        _require(self.expert_tensor_parallel_size is None or int(self.expert_tensor_parallel_size) >= 1,
+                 f"parallel.expert_tensor_parallel_size must be >= 1 or null (= tensor_model_parallel_size), "
+                 f"got {self.expert_tensor_parallel_size}")
+
+    @property
+    def expert_tp_size(self) -> int:
+        """The expert tensor-parallel size in effect."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def distributed_optimizer(self, data_parallel_size: int) -> bool:
         """Whether the distributed optimizer is used at this data-parallel size (None: dp > 1)."""
@@ -205,6 +295,9 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
             f"world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({p.tensor_model_parallel_size}) x pipeline_model_parallel_size ({p.pipeline_model_parallel_size}) "
             f"x context_parallel_size ({p.context_parallel_size}) = {mp}")
+    if num_experts is None and model is not None:
+        num_experts = model.num_moe_experts
+    ep, etp = p.expert_model_parallel_size, p.expert_tp_size
     if p.expert_model_parallel_size > 1:
         if not num_experts:
             errors.append(f"expert_model_parallel_size is {p.expert_model_parallel_size} but the model is dense "
@@ -212,6 +305,22 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
         elif num_experts % p.expert_model_parallel_size:
             errors.append(f"num_experts ({num_experts}) is not divisible by expert_model_parallel_size "
                           f"({p.expert_model_parallel_size})")
+    if p.expert_tensor_parallel_size not in (None, p.tensor_model_parallel_size) and not num_experts:
+        errors.append(f"expert_tensor_parallel_size is {p.expert_tensor_parallel_size} but the model is dense "
+                      f"(no experts); leave it null")
+    if num_experts:
+        expert_mp = etp * ep * p.pipeline_model_parallel_size
+        if world_size % expert_mp:
+            errors.append(f"world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
+                          f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size "
+                          f"({p.pipeline_model_parallel_size}) = {expert_mp}")
+        if ep > 1 and p.tensor_model_parallel_size > 1 and not getattr(p, "sequence_parallel", False):
+            errors.append(f"expert_model_parallel_size ({ep}) with tensor_model_parallel_size "
+                          f"({p.tensor_model_parallel_size}) needs parallel.sequence_parallel: true "
+                          f"(megatron-core requires it)")
+        if model is not None and model.moe_ffn_hidden_size % etp:
+            errors.append(f"moe_ffn_hidden_size ({model.moe_ffn_hidden_size}) is not divisible by "
+                          f"expert_tensor_parallel_size ({etp})")
     if p.context_parallel_size > 1 and not has_transformer_engine:
         errors.append(f"context_parallel_size {p.context_parallel_size} needs Transformer Engine attention "
                       f"(pip install .[gpu] on a GPU machine); use 1 on CPU")
@@ -223,7 +332,7 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
         if model.num_query_groups % tp:
             errors.append(f"num_query_groups ({model.num_query_groups}) is not divisible by "
                           f"tensor_model_parallel_size ({tp})")
-        if model.ffn_hidden_size % tp:
+        if model.ffn_hidden_size % tp and not model.is_moe:  # a MoE model has no dense MLP
             errors.append(f"ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by "
                           f"tensor_model_parallel_size ({tp})")
         if model.padded_vocab_size(tp) % tp:
@@ -241,5 +350,6 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
 
 
 
-__all__ = ["PARAMS_DTYPES", "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "ConfigError", "ModelConfig",
-           "ParallelConfig", "check_recompute", "layout_errors"]
+__all__ = ["MOE_ARCHITECTURES", "MOE_LOAD_BALANCING_TYPES", "MOE_TOKEN_DISPATCHER_TYPES", "PARAMS_DTYPES",
+           "RECOMPUTE_GRANULARITIES", "RECOMPUTE_METHODS", "ConfigError", "ModelConfig", "ParallelConfig",
+           "check_recompute", "layout_errors"]

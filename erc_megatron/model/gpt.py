@@ -1,4 +1,4 @@
-"""Build a megatron-core GPTModel shard for a Llama / Qwen2 / Qwen3-style dense model."""
+"""Build a megatron-core GPTModel shard for a Llama / Qwen2 / Qwen3-style dense or Qwen3-MoE-style model."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,9 +20,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int = 1,
-                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                             pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1, *,
+                             expert_model_parallel_size: int = 1, expert_tensor_parallel_size: int | None = None,
                              sequence_parallel: bool = False):
     from megatron.core.transformer import TransformerConfig
+
+    from erc_megatron.model.moe import moe_transformer_kwargs
 
     dtype = torch_dtype(model.params_dtype)
     on_gpu = torch.cuda.is_available()
@@ -68,15 +71,22 @@ def build_transformer_config(model: ModelConfig, tensor_model_parallel_size: int
         # p2p sync calls torch.cuda.synchronize(); not needed with batched isend/irecv on gloo
         batch_p2p_sync=on_gpu,
         deallocate_pipeline_outputs=on_gpu,
+        **moe_transformer_kwargs(model, expert_model_parallel_size,
+                                 expert_tensor_parallel_size or tensor_model_parallel_size),
     )
 
 
 def layer_spec(model: ModelConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    moe = dict(num_experts=model.num_moe_experts, moe_grouped_gemm=False) if model.is_moe else {}
     if have_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, **moe)
+    if model.is_moe:
+        from erc_megatron.patches.megatron_moe_cpu import apply_moe_cpu_patches
+
+        apply_moe_cpu_patches()
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm", **moe)
 
 
 def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bool | None = None,
@@ -91,6 +101,8 @@ def build_gpt_model(model: ModelConfig, transformer_config=None, pre_process: bo
     tp = layout.tp.size
     if transformer_config is None:
         transformer_config = build_transformer_config(model, tp, layout.pp.size, layout.cp.size,
+                                                      expert_model_parallel_size=layout.ep.size,
+                                                      expert_tensor_parallel_size=layout.etp.size,
                                                       sequence_parallel=sequence_parallel)
     if pre_process is None:
         pre_process = layout.is_first_stage

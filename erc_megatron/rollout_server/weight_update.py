@@ -59,7 +59,11 @@ class WeightUpdater:
         self.group_timeout = group_timeout
         self._groups: dict[str, tuple[dist.ProcessGroup, str]] = {}
         self._groups_lock = threading.Lock()
-        self._targets = dict(engine.model.state_dict(keep_vars=True))
+        from erc_megatron.patches.transformers_moe_experts import checkpoint_named_tensors, fused_expert_modules
+
+        # checkpoint (SGLang) names: a MoE model's fused experts are addressed per expert
+        self._fused_experts = bool(fused_expert_modules(engine.model))
+        self._targets = checkpoint_named_tensors(engine.model)
         storage: dict[int, list[str]] = {}
         for name, tensor in self._targets.items():
             storage.setdefault(tensor.data_ptr(), []).append(name)
@@ -228,9 +232,15 @@ class WeightUpdater:
             staged, self._staged = self._staged, {}
         if staged:
             with self.engine.exclusive(), torch.no_grad():
+                targets = self._targets
+                if self._fused_experts:  # views of the storage the parameters hold now
+                    from erc_megatron.patches.transformers_moe_experts import checkpoint_named_tensors
+
+                    targets = checkpoint_named_tensors(self.engine.model)
                 for name, tensor in staged.items():
-                    target = self._targets[name]
-                    if tensor.dtype == target.dtype and tensor.shape == target.shape \
+                    target = targets[name]
+                    # a fused-expert target is a view into the fused parameter: only a copy reaches it
+                    if not self._fused_experts and tensor.dtype == target.dtype and tensor.shape == target.shape \
                             and tensor.device == target.device:
                         target.data = tensor
                     else:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from erc_megatron.algo import PolicyLossConfig
 from erc_megatron.data.prompts import DataConfig
-from erc_megatron.model.config import PARAMS_DTYPES, ConfigError, ParallelConfig, check_recompute
+from erc_megatron.model.config import (MOE_LOAD_BALANCING_TYPES, MOE_TOKEN_DISPATCHER_TYPES, PARAMS_DTYPES,
+                                       ConfigError, ParallelConfig, check_recompute)
 from erc_megatron.reward.registry import RewardConfig
 from erc_megatron.train.learner import OptimConfig
 from erc_megatron.train.step import LogitsConfig
@@ -34,8 +35,25 @@ class ModelSection:
     recompute_num_layers: int | None = None
     """With "full": layers per group (uniform) or per pipeline stage (block); null otherwise."""
 
+    moe_aux_loss_coeff: float | None = None
+    """MoE checkpoints: weight of the router load-balancing loss; None takes the checkpoint's
+    router_aux_loss_coef (0 turns the loss off)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """MoE checkpoints: aux_loss (per micro-batch, as HF), seq_aux_loss, global_aux_loss or none."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """MoE checkpoints: how tokens reach their experts' ranks, alltoall or allgather."""
+
     def __post_init__(self) -> None:
         check_recompute("model", self.recompute_granularity, self.recompute_method, self.recompute_num_layers)
+        if self.moe_aux_loss_coeff is not None and not float(self.moe_aux_loss_coeff) >= 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0 or null (the checkpoint's), "
+                              f"got {self.moe_aux_loss_coeff}")
+        if self.moe_router_load_balancing_type not in MOE_LOAD_BALANCING_TYPES:
+            raise ConfigError(f"model.moe_router_load_balancing_type must be one of {MOE_LOAD_BALANCING_TYPES}, "
+                              f"got {self.moe_router_load_balancing_type!r}")
+        if self.moe_token_dispatcher_type not in MOE_TOKEN_DISPATCHER_TYPES:
+            raise ConfigError(f"model.moe_token_dispatcher_type must be one of {MOE_TOKEN_DISPATCHER_TYPES}, "
+                              f"got {self.moe_token_dispatcher_type!r}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise ConfigError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
         if self.make_vocab_size_divisible_by < 1:

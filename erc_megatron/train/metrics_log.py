@@ -64,6 +64,8 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
     skipped = m.get("skipped")
     note = f" | SKIPPED {skipped:.0f} update(s): non-finite loss/entropy" if skipped and skipped > 0 else ""
+    if "moe/aux_loss" in m:  # MoE models: router load balance
+        note = f" | moe aux {g('moe/aux_loss')} load max/mean {g('moe/load_max_over_mean', '{:.2f}')}{note}"
     return (f"step {step}/{total} | reward {g('rollout/reward_mean')} acc {g('rollout/accuracy')} "
             f"| val_acc {g('val/accuracy')} | len {g('rollout/response_length', '{:.1f}')} "
             f"| H {g('entropy/mean')} rho {g('erc/rho_mean')} erc_in_band {g('erc/in_band_frac')} "

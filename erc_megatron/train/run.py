@@ -75,6 +75,7 @@ def start_run(cfg) -> tuple[Run, LoopState]:
 
     from erc_megatron.dist import init_distributed
     from erc_megatron.model.config import ModelConfig
+    from erc_megatron.model.moe import moe_overrides
     from erc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint
     from erc_megatron.train.learner import build_learner
     from erc_megatron.weights.checkpoint_io import load_hf_checkpoint
@@ -82,7 +83,7 @@ def start_run(cfg) -> tuple[Run, LoopState]:
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     model_cfg = ModelConfig.from_hf_config(hf_config,
                                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                           params_dtype=cfg.model.params_dtype,
+                                           params_dtype=cfg.model.params_dtype, **moe_overrides(cfg.model, hf_config),
                                            recompute_granularity=cfg.model.recompute_granularity,
                                            recompute_method=cfg.model.recompute_method,
                                            recompute_num_layers=cfg.model.recompute_num_layers)

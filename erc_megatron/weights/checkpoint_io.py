@@ -34,7 +34,8 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 
 class HFCheckpointReader:
@@ -104,7 +105,7 @@ def load_hf_checkpoint(model, hf_dir: str, model_cfg: ModelConfig, *, layout=Non
     `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made)."""
     check_hf_compatible(model_cfg)
     g = rank_groups(layout)
-    units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size)
+    units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size, g.ep_rank, g.ep_size)
     with HFCheckpointReader(hf_dir) as reader:
         names = reader.names()
         check_hf_names(names, model_cfg, f"checkpoint {hf_dir}")
@@ -121,7 +122,7 @@ def load_hf_checkpoint(model, hf_dir: str, model_cfg: ModelConfig, *, layout=Non
             return reader.read(source, dim, start, stop)
 
         for u in units:
-            shard = megatron_shard_from_hf(u.full_name, model_cfg, fetch, g.tp_rank, g.tp_size)
+            shard = megatron_shard_from_hf(u.full_name, model_cfg, fetch, *g.split_rank(u.expert))
             param = params[u.local_name]
             if tuple(shard.shape) != tuple(param.shape):
                 raise ConfigError(f"{u.local_name}: shard from the checkpoint has shape {tuple(shard.shape)}, "
@@ -162,6 +163,10 @@ def model_config_to_hf_config(cfg: ModelConfig):
     )
     if cfg.hf_architecture != "Qwen2ForCausalLM":
         kwargs["attention_bias"] = False
+    if cfg.is_moe:
+        kwargs.update(num_experts=cfg.num_moe_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                      num_experts_per_tok=cfg.moe_router_topk, norm_topk_prob=not cfg.moe_router_pre_softmax,
+                      router_aux_loss_coef=cfg.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[])
     hf = AutoConfig.for_model(_MODEL_TYPES[cfg.hf_architecture], **kwargs)
     hf.architectures = [cfg.hf_architecture]
     hf.dtype = cfg.params_dtype
@@ -172,7 +177,7 @@ def _check_same_model(hf_config, cfg: ModelConfig) -> None:
     theirs = ModelConfig.from_hf_config(hf_config)
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights",
-              "hf_architecture")
+              "hf_architecture", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax")
     diff = [f"{f}: {getattr(theirs, f)} vs {getattr(cfg, f)}" for f in fields if getattr(theirs, f) != getattr(cfg, f)]
     if diff:
         raise ConfigError("hf_config does not describe this model: " + "; ".join(diff))

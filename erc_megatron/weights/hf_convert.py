@@ -1,4 +1,4 @@
-"""Hugging Face (Llama / Qwen2 / Qwen3 dense) tensors <-> Megatron tensors.
+"""Hugging Face (Llama / Qwen2 / Qwen3 dense, Qwen3-MoE) tensors <-> Megatron tensors.
 
 Layouts:
 - Megatron fuses q/k/v into one `linear_qkv` whose rows are grouped by key/value head: for each
@@ -11,6 +11,12 @@ Layouts:
   padding is dropped on export. Tied embeddings have no `lm_head.weight` on export; on import an
   `lm_head.weight` next to a tied embedding must equal it.
 
+- Qwen3-MoE: the router `mlp.gate.weight` [experts, hidden] is Megatron's `mlp.router.weight`;
+  expert e's `mlp.experts.{e}.gate_proj / up_proj / down_proj.weight` make its `linear_fc1` =
+  [gate; up] and `linear_fc2`. These per-expert names are what Qwen3-MoE checkpoints hold on disk
+  and what SGLang loads; transformers 5.x fuses them into 3-D `gate_up_proj` / `down_proj`
+  parameters in memory only (its checkpoint conversion mapping), and writes them back per expert.
+
 `megatron_shard_from_hf` builds one rank's TP shard straight from HF slices (a checkpoint loader
 reads only those slices); `hf_to_megatron` / `megatron_to_hf` convert whole state dicts.
 """
@@ -22,14 +28,15 @@ import torch
 
 from erc_megatron.model.config import ConfigError, ModelConfig
 
-from .layout import (EMBEDDING, FINAL_NORM, OUTPUT_LAYER, TPSplit, fit_vocab, full_param_names, split_layer_name,
-                     tp_split_of)
+from .layout import (EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ROUTER, TPSplit, expert_of, fit_vocab, full_param_names,
+                     split_layer_name, tp_split_of)
 
 # architecture -> (q/k/v bias, q/k RMSNorm) it has; no other combination maps onto these HF classes
 SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "LlamaForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Qwen3MoeForCausalLM": (False, True),
 }
 
 _HF_LAYER_NAMES: dict[str, tuple[str, ...]] = {
@@ -43,7 +50,9 @@ _HF_LAYER_NAMES: dict[str, tuple[str, ...]] = {
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+    ROUTER: ("mlp.gate.weight",),
 }
+_HF_EXPERT_NAMES = {"linear_fc1": ("gate_proj.weight", "up_proj.weight"), "linear_fc2": ("down_proj.weight",)}
 _HF_GLOBAL_NAMES: dict[str, tuple[str, ...]] = {
     EMBEDDING: ("model.embed_tokens.weight",),
     FINAL_NORM: ("model.norm.weight",),
@@ -69,6 +78,8 @@ def check_hf_compatible(cfg: ModelConfig) -> None:
     if cfg.qk_layernorm != qk_norm:
         raise ConfigError(f"model.qk_layernorm={cfg.qk_layernorm} does not fit {arch}, which has "
                           f"qk_layernorm={qk_norm}")
+    if cfg.is_moe != (arch == "Qwen3MoeForCausalLM"):
+        raise ConfigError(f"model.num_moe_experts={cfg.num_moe_experts} does not fit {arch}")
 
 
 def hf_names(full_name: str) -> tuple[str, ...]:
@@ -76,6 +87,9 @@ def hf_names(full_name: str) -> tuple[str, ...]:
     index, suffix = split_layer_name(full_name)
     if index is None:
         return _HF_GLOBAL_NAMES[full_name]
+    expert = expert_of(suffix)
+    if expert is not None:
+        return tuple(f"model.layers.{index}.mlp.experts.{expert[0]}.{n}" for n in _HF_EXPERT_NAMES[expert[1]])
     return tuple(f"model.layers.{index}.{n}" for n in _HF_LAYER_NAMES[suffix])
 
 
@@ -88,6 +102,17 @@ def hf_shape(hf_name: str, cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of an HF tensor of this model."""
     h, hd, ng, nq = cfg.hidden_size, cfg.kv_channels, cfg.num_query_groups, cfg.num_attention_heads
     tail = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
+    if cfg.is_moe and tail.startswith("mlp.experts.") and tail.count(".") == 4:
+        f = cfg.moe_ffn_hidden_size
+        proj = tail.split(".")[3]
+        if proj in ("gate_proj", "up_proj"):
+            return (f, h)
+        if proj == "down_proj":
+            return (h, f)
+    if cfg.is_moe and tail == "mlp.gate.weight":
+        return (cfg.num_moe_experts, h)
+    if cfg.is_moe and tail.startswith("mlp."):
+        raise KeyError(f"unknown Hugging Face tensor {hf_name!r} (a MoE layer has no dense MLP)")
     shapes = {
         HF_EMBEDDING: (cfg.vocab_size, h), HF_LM_HEAD: (cfg.vocab_size, h), "model.norm.weight": (h,),
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
@@ -165,8 +190,8 @@ def megatron_shard_from_hf(full_name: str, cfg: ModelConfig, fetch: Fetch, tp_ra
         k = fetch(names[1], 0, tp_rank * groups * hd, (tp_rank + 1) * groups * hd)
         v = fetch(names[2], 0, tp_rank * groups * hd, (tp_rank + 1) * groups * hd)
         return fuse_qkv(q, k, v, groups)
-    if split is TPSplit.GATED_COLUMN:
-        rows = _divide(cfg.ffn_hidden_size, tp_size, "model.ffn_hidden_size")
+    if split is TPSplit.GATED_COLUMN:  # tp_rank / tp_size: the expert TP ones for an expert
+        rows = _divide(hf_shape(names[0], cfg)[0], tp_size, f"rows of {names[0]}")
         gate = fetch(names[0], 0, tp_rank * rows, (tp_rank + 1) * rows)
         up = fetch(names[1], 0, tp_rank * rows, (tp_rank + 1) * rows)
         return fuse_gate_up(gate, up)

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from erc_megatron.model.config import ConfigError, ModelConfig
 from erc_megatron.model.gpt import torch_dtype
 
+from .expert_gather import gather_layer_experts, takes_part
 from .hf_convert import check_hf_compatible, hf_from_megatron, hf_names, hf_shape
-from .layout import LocalParam, TPSplit, full_param_shape, merge_tp, stage_params
+from .layout import LocalParam, TPSplit, full_param_shape, merge_tp, split_layer_name, stage_params
 from .rank_params import RankGroups, rank_groups, rank_parameters
 
 DESTINATIONS = ("stage", "rank0")
@@ -108,13 +109,20 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     _check_destination(destination)
     check_hf_compatible(model_cfg)
     g = rank_groups(layout)
-    if g.dp_rank != 0:
+    # expert-parallel layouts: experts live on other data-parallel ranks too (see expert_gather)
+    if g.dp_rank != 0 and not (g.expert_parallel and takes_part(g)):
         return
     out_dtype = dtype or torch_dtype(model_cfg.params_dtype)
     plan = plan_hf_buckets(model_cfg, g.pp_size, bucket_bytes, out_dtype)
-    units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size)
+    units, params = rank_parameters(model, model_cfg, g.pp_rank, g.pp_size, g.ep_rank, g.ep_size)
+    if g.expert_parallel:
+        units = stage_params(model_cfg, g.pp_rank, g.pp_size)  # every expert, by global name
     own = _stage_buckets([u for u in units if not u.tied_copy], params, model_cfg, plan[g.pp_rank], g, out_dtype,
                          bucket_bytes)
+    if g.dp_rank != 0:
+        for _ in own:  # runs this rank's part of the expert gathers
+            pass
+        return
     if destination == "stage" or g.pp_size == 1:
         yield from (bucket for bucket, _ in own)
         return
@@ -156,11 +164,20 @@ def _views(flat: torch.Tensor, specs: list[HFTensorSpec]) -> list[torch.Tensor]:
 
 
 def _gather_groups(units: list[LocalParam], cfg: ModelConfig, tp_size: int, element_size: int,
-                   bucket_bytes: int) -> Iterator[list[LocalParam]]:
-    """Consecutive parameters up to bucket_bytes in full size (a larger one alone)."""
+                   bucket_bytes: int, expert_blocks: bool = False) -> Iterator[list[LocalParam]]:
+    """Consecutive parameters up to bucket_bytes in full size (a larger one alone); with `expert_blocks`
+    the experts of one layer form a group of their own (gathered by `gather_layer_experts`)."""
     group: list[LocalParam] = []
     size = 0
     for u in units:
+        if expert_blocks and (u.expert != bool(group and group[0].expert) or (
+                u.expert and split_layer_name(u.full_name)[0] != split_layer_name(group[0].full_name)[0])):
+            if group:
+                yield group
+            group, size = [], 0
+        if expert_blocks and u.expert:
+            group.append(u)
+            continue
         n = element_size
         for d in full_param_shape(u.full_name, cfg, tp_size):
             n *= d
@@ -212,12 +229,20 @@ def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan
     pending = iter(plan)
     want = next(pending, None)
     ready: dict[str, torch.Tensor] = {}
-    for group in _gather_groups(units, cfg, g.tp_size, element_size, bucket_bytes):
-        full = _gather_full(group, params, g, dtype)
-        if g.tp_rank != 0:
+    receiver = g.tp_rank == 0 and g.dp_rank == 0
+    for group in _gather_groups(units, cfg, g.tp_size, element_size, bucket_bytes, g.expert_parallel):
+        if g.expert_parallel and group[0].expert:
+            full = gather_layer_experts(group, params, cfg, g, dtype)  # by full name, on the receiver
+            keys = [u.full_name for u in group]
+        elif g.dp_rank != 0:
             continue
-        for u in group:
-            for name, tensor in hf_from_megatron(u.full_name, full[u.local_name], cfg):
+        else:
+            full = _gather_full(group, params, g, dtype)
+            keys = [u.local_name for u in group]
+        if not receiver:
+            continue
+        for u, key in zip(group, keys):
+            for name, tensor in hf_from_megatron(u.full_name, full[key], cfg):
                 ready[name] = tensor  # may be a strided view: copied once, into the bucket's buffer
         while want is not None and all(s.name in ready for s in want):
             for s in want:
@@ -229,6 +254,6 @@ def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan
                 view.copy_(ready.pop(s.name))
             yield list(zip((s.name for s in want), views)), flat
             want = next(pending, None)
-    if g.tp_rank == 0 and (want is not None or ready):
+    if receiver and (want is not None or ready):
         raise RuntimeError(f"bucket plan and produced tensors disagree: left {sorted(ready)[:4]}, "
                            f"waiting for {[s.name for s in want or []][:4]}")

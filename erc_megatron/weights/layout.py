@@ -18,6 +18,15 @@ Facts about megatron-core (checked on 0.16.1 with the local spec, TP1/2 x PP1/2)
   [gate_r; up_r], so its split is NOT contiguous; linear_proj / linear_fc2 columns; norms replicated.
 - Under Transformer Engine the pre-attention / pre-MLP norms are fused into the next linear layer
   (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`); `canonical_name` maps them.
+
+MoE layers (local spec, SequentialMLP experts; checked on 0.16.1 at EP1/2 x TP1/2 x PP1/2):
+- `mlp.router.weight` [experts, hidden] is replicated on every rank (TP and EP).
+- Expert e's `linear_fc1` / `linear_fc2` (same [gate; up] / row layout as the dense MLP) live on
+  expert-parallel rank e // (experts / EP) as `mlp.experts.local_experts.{e % (experts / EP)}`;
+  the full state numbers experts globally. They are split over the expert tensor-parallel group
+  (size ETP, default TP), not the TP group.
+- With Transformer Engine and grouped GEMM experts are named differently (`experts.linear_fc1.weight{e}`);
+  erc-megatron builds SequentialMLP experts (moe_grouped_gemm=False) on both paths.
 """
 from __future__ import annotations
 
@@ -68,18 +77,64 @@ TE_TO_LOCAL: dict[str, str] = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+ROUTER = "mlp.router.weight"
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_EXPERT_SPLIT = {"linear_fc1": TPSplit.GATED_COLUMN, "linear_fc2": TPSplit.ROW}
+_DENSE_MLP = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 
 
-def layer_param_suffixes(cfg: ModelConfig) -> list[str]:
-    """The per-layer parameter names (after `decoder.layers.{i}.`) this config has, in model order."""
+def expert_suffix(expert: int, linear: str) -> str:
+    """'mlp.experts.local_experts.{expert}.{linear}.weight' (linear: linear_fc1 or linear_fc2)."""
+    return f"mlp.experts.local_experts.{expert}.{linear}.weight"
+
+
+def expert_of(name: str) -> tuple[int, str] | None:
+    """(expert index, 'linear_fc1' | 'linear_fc2') of an expert parameter name or suffix; None otherwise."""
+    _, suffix = split_layer_name(name)
+    m = _EXPERT_RE.match(suffix)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether `name` is an expert weight (split over the expert TP group, held by one EP rank)."""
+    return expert_of(name) is not None
+
+
+def layer_param_suffixes(cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1, *,
+                         local_names: bool = False) -> list[str]:
+    """The per-layer parameter names (after `decoder.layers.{i}.`) this config has, in model order.
+
+    A MoE layer holds the experts of expert-parallel rank `ep_rank` (all of them with ep_size 1),
+    numbered globally, or as that rank's GPTModel numbers them with `local_names`.
+    """
     out = []
     for suffix in _LAYER_PARAMS:
         if suffix.endswith("linear_qkv.bias") and not cfg.add_qkv_bias:
             continue
         if ("q_layernorm" in suffix or "k_layernorm" in suffix) and not cfg.qk_layernorm:
             continue
+        if suffix in _DENSE_MLP and cfg.is_moe:
+            continue
         out.append(suffix)
+    if cfg.is_moe:
+        out.append(ROUTER)
+        for e in local_experts(cfg, ep_rank, ep_size):
+            index = e - local_experts(cfg, ep_rank, ep_size).start if local_names else e
+            out += [expert_suffix(index, "linear_fc1"), expert_suffix(index, "linear_fc2")]
     return out
+
+
+def local_experts(cfg: ModelConfig, ep_rank: int, ep_size: int) -> range:
+    """Global indices of the experts expert-parallel rank `ep_rank` holds."""
+    if not cfg.is_moe:
+        return range(0)
+    if ep_size < 1 or cfg.num_moe_experts % ep_size:
+        raise ConfigError(f"model.num_moe_experts ({cfg.num_moe_experts}) is not divisible by "
+                          f"expert_model_parallel_size ({ep_size})")
+    if not 0 <= ep_rank < ep_size:
+        raise ConfigError(f"expert-parallel rank {ep_rank} is outside [0, {ep_size})")
+    per_rank = cfg.num_moe_experts // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
 
 
 def split_layer_name(name: str) -> tuple[int | None, str]:
@@ -103,6 +158,12 @@ def canonical_name(name: str) -> str:
 def tp_split_of(name: str) -> TPSplit:
     """How the (canonical) parameter `name` is divided over TP ranks."""
     index, suffix = split_layer_name(canonical_name(name))
+    if index is not None:
+        if suffix == ROUTER:
+            return TPSplit.REPLICATED
+        expert = _EXPERT_RE.match(suffix)
+        if expert:
+            return _EXPERT_SPLIT[expert.group(2)]
     table = _LAYER_PARAMS if index is not None else _GLOBAL_PARAMS
     if suffix not in table:
         raise KeyError(f"unknown megatron parameter {name!r}")
@@ -125,6 +186,12 @@ def full_param_shape(name: str, cfg: ModelConfig, tp_size: int = 1) -> tuple[int
     h, hd = cfg.hidden_size, cfg.kv_channels
     qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
     _, suffix = split_layer_name(name)
+    if suffix == ROUTER:
+        return (cfg.num_moe_experts, h)
+    expert = expert_of(suffix)
+    if expert is not None:
+        f = cfg.moe_ffn_hidden_size
+        return (2 * f, h) if expert[1] == "linear_fc1" else (h, f)
     shapes = {
         EMBEDDING: (cfg.padded_vocab_size(tp_size), h),
         OUTPUT_LAYER: (cfg.padded_vocab_size(tp_size), h),
@@ -153,17 +220,30 @@ def local_shape(full_shape: tuple[int, ...], split: TPSplit, tp_size: int) -> tu
     return tuple(n // tp_size if d == dim else n for d, n in enumerate(full_shape))
 
 
-def check_shardable(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
-    """Raise ConfigError if the model cannot be cut into tp_size x pp_size (names the numbers)."""
+def check_shardable(cfg: ModelConfig, tp_size: int, pp_size: int, ep_size: int = 1,
+                    etp_size: int | None = None) -> None:
+    """Raise ConfigError if the model cannot be cut into tp_size x pp_size (x ep_size x etp_size experts)."""
     problems = []
-    if tp_size < 1 or pp_size < 1:
-        problems.append(f"tensor_model_parallel_size ({tp_size}) and pipeline_model_parallel_size ({pp_size}) "
+    etp_size = tp_size if etp_size is None else etp_size
+    if min(tp_size, pp_size, ep_size, etp_size) < 1:
+        problems.append(f"tensor_model_parallel_size ({tp_size}), pipeline_model_parallel_size ({pp_size}), "
+                        f"expert_model_parallel_size ({ep_size}) and expert_tensor_parallel_size ({etp_size}) "
                         f"must be >= 1")
     else:
-        for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        fields = ("num_attention_heads", "num_query_groups") + (() if cfg.is_moe else ("ffn_hidden_size",))
+        for field in fields:
             if getattr(cfg, field) % tp_size:
                 problems.append(f"model.{field} ({getattr(cfg, field)}) is not divisible by "
                                 f"tensor_model_parallel_size ({tp_size})")
+        if not cfg.is_moe and (ep_size > 1 or etp_size != tp_size):
+            problems.append(f"expert_model_parallel_size ({ep_size}) / expert_tensor_parallel_size ({etp_size}) "
+                            f"need a MoE model (model.num_moe_experts)")
+        if cfg.is_moe and cfg.num_moe_experts % ep_size:
+            problems.append(f"model.num_moe_experts ({cfg.num_moe_experts}) is not divisible by "
+                            f"expert_model_parallel_size ({ep_size})")
+        if cfg.is_moe and cfg.moe_ffn_hidden_size % etp_size:
+            problems.append(f"model.moe_ffn_hidden_size ({cfg.moe_ffn_hidden_size}) is not divisible by "
+                            f"expert_tensor_parallel_size ({etp_size})")
         if cfg.num_layers % pp_size:
             problems.append(f"model.num_layers ({cfg.num_layers}) is not divisible by "
                             f"pipeline_model_parallel_size ({pp_size})")
@@ -193,16 +273,24 @@ class LocalParam:
     tied_copy: bool = False
     """True for the last stage's copy of a tied embedding (PP > 1): load it, never export it."""
 
+    @property
+    def expert(self) -> bool:
+        """An expert weight: split over the expert tensor-parallel group, not the TP group."""
+        return is_expert_param(self.full_name)
 
-def stage_params(cfg: ModelConfig, pp_rank: int, pp_size: int) -> list[LocalParam]:
-    """Every parameter of pipeline stage `pp_rank`, in model order."""
+
+def stage_params(cfg: ModelConfig, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> list[LocalParam]:
+    """Every parameter of pipeline stage `pp_rank` (with the experts of EP rank `ep_rank`), in model order."""
     layers = stage_layers(cfg, pp_rank, pp_size)
     out = []
     if pp_rank == 0:
         out.append(LocalParam(EMBEDDING, EMBEDDING, TPSplit.VOCAB))
+    full_suffixes = layer_param_suffixes(cfg, ep_rank, ep_size)
+    local_suffixes = layer_param_suffixes(cfg, ep_rank, ep_size, local_names=True)
     for local, global_index in enumerate(layers):
-        for suffix in layer_param_suffixes(cfg):
-            out.append(LocalParam(layer_name(local, suffix), layer_name(global_index, suffix), _LAYER_PARAMS[suffix]))
+        for full_suffix, local_suffix in zip(full_suffixes, local_suffixes):
+            out.append(LocalParam(layer_name(local, local_suffix), layer_name(global_index, full_suffix),
+                                  tp_split_of(layer_name(0, full_suffix))))
     if pp_rank == pp_size - 1:
         out.append(LocalParam(FINAL_NORM, FINAL_NORM, TPSplit.REPLICATED))
         if cfg.untie_embeddings_and_output_weights:
@@ -260,48 +348,73 @@ def _check_names(have: set[str], want: set[str], what: str) -> None:
 
 
 def shard_for_rank(full_state: Mapping[str, torch.Tensor], cfg: ModelConfig, tp_rank: int, tp_size: int,
-                   pp_rank: int, pp_size: int) -> dict[str, torch.Tensor]:
-    """The state dict of the rank at (tp_rank, pp_rank), named as its GPTModel names its parameters."""
-    check_shardable(cfg, tp_size, pp_size)
+                   pp_rank: int, pp_size: int, *, ep_rank: int = 0, ep_size: int = 1, etp_rank: int | None = None,
+                   etp_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the rank at (tp_rank, pp_rank[, ep_rank, etp_rank]), named as its GPTModel names them.
+
+    Expert weights are cut over the expert tensor-parallel group (etp_rank / etp_size, default the TP ones).
+    """
+    etp_rank, etp_size = (tp_rank, tp_size) if etp_size is None else (etp_rank, etp_size)
+    check_shardable(cfg, tp_size, pp_size, ep_size, etp_size)
     if not 0 <= tp_rank < tp_size:
         raise ConfigError(f"tensor-parallel rank {tp_rank} is outside [0, {tp_size})")
+    if etp_rank is None or not 0 <= etp_rank < etp_size:
+        raise ConfigError(f"expert tensor-parallel rank {etp_rank} is outside [0, {etp_size})")
     _check_names(set(full_state), set(full_param_names(cfg)), "full Megatron state")
     out = {}
-    for p in stage_params(cfg, pp_rank, pp_size):
+    for p in stage_params(cfg, pp_rank, pp_size, ep_rank, ep_size):
         tensor = full_state[p.full_name]
         if p.split is TPSplit.VOCAB:
             tensor = fit_vocab(tensor, cfg, tp_size)
         want = full_param_shape(p.full_name, cfg, tp_size)
         if tuple(tensor.shape) != want:
             raise ConfigError(f"{p.full_name} has shape {tuple(tensor.shape)}, the model config expects {want}")
-        out[p.local_name] = split_tp(tensor, p.split, tp_size)[tp_rank]
+        rank, size = (etp_rank, etp_size) if p.expert else (tp_rank, tp_size)
+        out[p.local_name] = split_tp(tensor, p.split, size)[rank]
     return out
 
 
-def gather_from_ranks(local_states: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], cfg: ModelConfig,
-                      tp_size: int, pp_size: int) -> dict[str, torch.Tensor]:
-    """Join every rank's state (keyed by (tp_rank, pp_rank)) into the full Megatron state.
+def gather_from_ranks(local_states: Mapping[tuple[int, ...], Mapping[str, torch.Tensor]], cfg: ModelConfig,
+                      tp_size: int, pp_size: int, *, ep_size: int = 1,
+                      etp_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Join every rank's state into the full Megatron state.
 
+    Keys are (tp_rank, pp_rank), or (tp_rank, pp_rank, ep_rank, etp_rank) for an expert-parallel
+    layout (every (tp, pp) and every (pp, ep, etp) must be among them; replicas may repeat).
     The vocabulary keeps the padding of this layout; a tied output copy must equal the embedding.
     """
-    check_shardable(cfg, tp_size, pp_size)
-    want_keys = {(t, p) for t in range(tp_size) for p in range(pp_size)}
-    if set(local_states) != want_keys:
-        raise ConfigError(f"gather_from_ranks needs the states of all (tp_rank, pp_rank) in "
-                          f"{tp_size} x {pp_size}, got keys {sorted(local_states)}")
+    etp_size = tp_size if etp_size is None else etp_size
+    check_shardable(cfg, tp_size, pp_size, ep_size, etp_size)
+    states = {(k + (0, k[0]) if len(k) == 2 else tuple(k)): v for k, v in local_states.items()}
+    by_tp = {(k[0], k[1]): k for k in states}
+    by_expert = {(k[1], k[2], k[3]): k for k in states}
+    want_tp = {(t, p) for t in range(tp_size) for p in range(pp_size)}
+    want_expert = {(p, e, t) for p in range(pp_size) for e in range(ep_size) for t in range(etp_size)}
+    if not want_tp <= set(by_tp) or not want_expert <= set(by_expert) or len(by_tp) > len(want_tp):
+        raise ConfigError(f"gather_from_ranks needs the states of all (tp_rank, pp_rank) in {tp_size} x {pp_size}"
+                          f" and all (pp_rank, ep_rank, etp_rank) in {pp_size} x {ep_size} x {etp_size}, got keys "
+                          f"{sorted(states)}")
     full: dict[str, torch.Tensor] = {}
     tied_copy = None
     for pp_rank in range(pp_size):
-        params = stage_params(cfg, pp_rank, pp_size)
-        for t in range(tp_size):
-            _check_names(set(local_states[(t, pp_rank)]), {p.local_name for p in params},
-                         f"state of rank (tp={t}, pp={pp_rank})")
-        for p in params:
-            merged = merge_tp([local_states[(t, pp_rank)][p.local_name] for t in range(tp_size)], p.split)
-            if p.tied_copy:
-                tied_copy = merged
-            else:
-                full[p.full_name] = merged
+        for ep_rank in range(ep_size):
+            params = stage_params(cfg, pp_rank, pp_size, ep_rank, ep_size)
+            for key in {by_tp[(t, pp_rank)] for t in range(tp_size)} | {by_expert[(pp_rank, ep_rank, t)]
+                                                                         for t in range(etp_size)}:
+                if key[2] == ep_rank:
+                    _check_names(set(states[key]), {p.local_name for p in params}, f"state of rank {key}")
+            for p in params:
+                if p.expert:
+                    keys = [by_expert[(pp_rank, ep_rank, t)] for t in range(etp_size)]
+                elif ep_rank > 0:
+                    continue
+                else:
+                    keys = [by_tp[(t, pp_rank)] for t in range(tp_size)]
+                merged = merge_tp([states[k][p.local_name] for k in keys], p.split)
+                if p.tied_copy:
+                    tied_copy = merged
+                else:
+                    full[p.full_name] = merged
     if tied_copy is not None and not torch.equal(tied_copy, full[EMBEDDING]):
         raise ValueError("the last stage's tied output_layer.weight differs from the first stage's embedding: "
                          "the tied copies went out of sync")

@@ -19,10 +19,14 @@ BAD = {
     "model.recompute_granularity": ("partial", "(None, 'full', 'selective')"),
     "model.recompute_method": ("uniform", "set recompute_granularity: full"),
     "model.recompute_num_layers": ("0", "integer >= 1 or null"),
+    "model.moe_aux_loss_coeff": ("-0.1", ">= 0 or null"),
+    "model.moe_router_load_balancing_type": ("sinkhorn", "one of"),
+    "model.moe_token_dispatcher_type": ("flex", "'alltoall', 'allgather'"),
     "parallel.tensor_model_parallel_size": ("0", ">= 1"),
     "parallel.pipeline_model_parallel_size": ("0", ">= 1"),
     "parallel.context_parallel_size": ("0", ">= 1"),
     "parallel.expert_model_parallel_size": ("0", ">= 1"),
+    "parallel.expert_tensor_parallel_size": ("0", ">= 1 or null"),
     "parallel.seed": ("x", "must be an integer"),
     "parallel.distributed_timeout_minutes": ("0", ">= 1"),
     "parallel.use_distributed_optimizer": ("maybe", "true or false"),
@@ -152,7 +156,8 @@ def test_recompute_and_parallel_combinations():
                            (["model.recompute_method=ring"], "model.recompute_method must be one of")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             config_tree.load(RunConfig, None, BASE + extra)
-    cfg = config_tree.load(RunConfig, None, BASE + full + ["model.recompute_method=uniform", "model.recompute_num_layers=1",
+    cfg = config_tree.load(RunConfig, None, BASE + full + ["model.recompute_method=uniform",
+                                                           "model.recompute_num_layers=1",
                                                            "parallel.tensor_model_parallel_size=2",
                                                            "parallel.sequence_parallel=true",
                                                            "parallel.use_distributed_optimizer=null"])

@@ -106,7 +106,7 @@ def test_transformer_engine_names_map_to_local_spec():
     assert L.tp_split_of("decoder.layers.1.mlp.linear_fc1.layer_norm_weight") is L.TPSplit.REPLICATED
     assert L.tp_split_of("decoder.layers.1.mlp.linear_fc1.weight") is L.TPSplit.GATED_COLUMN
     with pytest.raises(KeyError, match="unknown megatron parameter"):
-        L.tp_split_of("decoder.layers.1.mlp.router.weight")
+        L.tp_split_of("decoder.layers.1.mlp.shared_experts.linear_fc1.weight")
 
 
 def test_bad_inputs_name_what_is_wrong():

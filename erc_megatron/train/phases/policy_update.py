@@ -1,9 +1,11 @@
 """Phase 3: one optimizer step per mini-batch (loss over the mini-batch's global denominators)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
+from erc_megatron.model.moe_metrics import RouterStats
 from erc_megatron.train.minibatch import MiniBatch
 from erc_megatron.train.run import Run
 from erc_megatron.train.update import update_policy
@@ -29,9 +31,15 @@ def policy_update(run: Run, minibatches: list[MiniBatch], metrics: dict[str, flo
     cfg = run.cfg
     t0 = time.perf_counter()
     updates = []
-    for m in minibatches:
-        den = m.denominators(cfg.loss.agg, cfg.trainer.nll_coef > 0)
-        updates.append(update_policy(run.learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef,
-                                     layout=run.layout))
+    model_cfg = run.model_cfg
+    routers = RouterStats(run.learner.model, model_cfg.num_layers, model_cfg.num_moe_experts,
+                          model_cfg.moe_router_topk) if model_cfg.is_moe else contextlib.nullcontext()
+    with routers:
+        for m in minibatches:
+            den = m.denominators(cfg.loss.agg, cfg.trainer.nll_coef > 0)
+            updates.append(update_policy(run.learner, m.mine, den, cfg.loss, cfg.logits, cfg.trainer.nll_coef,
+                                         layout=run.layout))
     metrics.update(mean_metrics(updates))
+    if model_cfg.is_moe:  # router load balance over the update's forward passes
+        metrics.update(routers.summarise())
     metrics["time/update"] = time.perf_counter() - t0
