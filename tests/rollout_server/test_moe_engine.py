@@ -26,8 +26,8 @@ def _model(seed: int):
 
 
 def _greedy(engine, n: int = 7) -> list[list[int]]:
-    from erc_megatron.rollout.engine import Request
-    from erc_megatron.rollout.sampling import SamplingParams
+    from erc_megatron.rollout_server.engine import Request
+    from erc_megatron.rollout_server.sampling import SamplingParams
 
     reqs = [Request(rid=str(i), input_ids=p, params=SamplingParams(temperature=0.0, max_new_tokens=n), seed=0)
             for i, p in enumerate(PROMPTS)]
@@ -44,8 +44,8 @@ def _hf_greedy(model, n: int = 7) -> list[list[int]]:
 def test_engine_generates_and_takes_per_expert_weight_updates():
     from erc_megatron.model.config import ModelConfig
     from erc_megatron.patches.transformers_moe_experts import checkpoint_named_tensors
-    from erc_megatron.rollout.engine import Engine
-    from erc_megatron.rollout.weight_update import WeightUpdater
+    from erc_megatron.rollout_server.engine import Engine
+    from erc_megatron.rollout_server.weight_update import WeightUpdater
     from erc_megatron.weights.hf_convert import hf_param_names
 
     model, other = _model(0), _model(1)
