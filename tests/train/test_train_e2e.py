@@ -494,11 +494,13 @@ def test_comm_profile_of_tp2pp2_step_counts_and_sizes_what_the_shapes_imply(base
             sent, recvd = sum(e["bytes_in"] for e in p2p), sum(e["bytes_out"] for e in p2p)
             first_stage = (n * msg, n * msg if backward else 0)
             assert (sent, recvd) == (first_stage if not last else first_stage[::-1]), (rank, phase, sent, recvd, n, msg)
-        # weight sync: rank 0 broadcasts one flat bucket per planned bucket on the weight-sync group
+        # weight sync: each stage's sender (TP rank 0: ranks 0 and 2) broadcasts one flat bucket per
+        # planned bucket of its own stage, on its stage's weight-sync group
         plan = plan_hf_buckets(cfg, 2, 512 * 2**20)  # examples/cpu_demo.yaml: weight_sync_bucket_mb 512
-        buckets = [sum(t.numel for t in bucket) * act for stage in plan for bucket in stage]
+        stage = {0: 0, 2: 1}.get(rank)
+        buckets = [sum(t.numel for t in bucket) * act for bucket in plan[stage]] if stage is not None else []
         sync = events(rank, phase="weight_sync", op="broadcast")
-        assert [(e["role"], e["bytes"]) for e in sync] == ([("weight-sync", n) for n in buckets] if rank == 0 else [])
+        assert [(e["role"], e["bytes"]) for e in sync] == [("weight-sync", n) for n in buckets], (rank, sync)
         # every event is timed and tagged
         for e in ranks[rank]["events"]:
             assert e["step"] == PROFILED_STEP and e["dur_s"] >= e["issue_s"] >= 0 and e["role"] != "other", e
