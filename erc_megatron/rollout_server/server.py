@@ -380,6 +380,7 @@ class RolloutServer:
         if _field(body, "abort_all_requests", bool, True):
             self.engine.abort(abort_all=True)
         self.weight_version = new_version
+        log.info("Weight version updated to %s.", new_version)  # as a weight update that carries one logs it
         return HTTPStatus.OK, {"success": True, "message": f"Weight version updated to {new_version}",
                                "new_version": new_version}
 
