@@ -191,6 +191,11 @@ LAYOUTS = {
     "tp2dp2": "parallel.tensor_model_parallel_size=2,parallel.pipeline_model_parallel_size=1",
     "tp2pp2": "parallel.tensor_model_parallel_size=2,parallel.pipeline_model_parallel_size=2",
     "pp2dp2": "parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=2",
+    "dp4_ddp": "parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=1,"
+               "parallel.use_distributed_optimizer=false",
+    # {moe_model}: a tiny Qwen3-MoE checkpoint with the demo's tokenizer (tests/plan: tiny_moe_model)
+    "ep2_moe": "model.path={moe_model},parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=1,"
+               "parallel.expert_model_parallel_size=2",
 }
 """Layouts of 4 ranks the agreement check runs (name: comma-separated overrides)."""
 

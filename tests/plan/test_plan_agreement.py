@@ -4,14 +4,11 @@ the predicted bytes must be within 5% of the measured ones (they are exact today
 parameter, gradient-buffer and optimizer-state bytes per rank must equal the prediction. The
 peak memory of the step's forward-backward is printed next to its prediction, not asserted.
 
-To add a layout, add one entry to LAYOUTS (name: overrides), e.g. once the distributed optimizer
-and MoE are merged:
-    "dp4_distopt": "parallel.tensor_model_parallel_size=1,parallel.pipeline_model_parallel_size=1,"
-                   "parallel.use_distributed_optimizer=true",
-    "ep2_moe": "model.path={moe_model},parallel.tensor_model_parallel_size=1,"
-               "parallel.pipeline_model_parallel_size=1,parallel.expert_model_parallel_size=2",
-`{moe_model}` is replaced by a tiny Qwen3-MoE checkpoint made by `tiny_moe_model` (with the demo's
-tokenizer, so the demo's prompts apply).
+The layouts: dp4 and tp2dp2 run megatron's distributed optimizer (the default at data parallel > 1),
+tp2pp2 its DDP (dp 1), and ep2_moe a tiny Qwen3-MoE at expert parallel 2 (all-to-all dispatcher).
+To add a layout, add one entry to erc_megatron.testing.plan_check.LAYOUTS (name: overrides) and name it
+here; `{moe_model}` is replaced by a tiny Qwen3-MoE checkpoint made by `tiny_moe_model` (with the
+demo's tokenizer, so the demo's prompts apply).
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from erc_megatron.testing.plan_check import agreement_table, memory_table, run_l
 
 pytestmark = pytest.mark.e2e
 
-LAYOUTS = {name: ALL_LAYOUTS[name] for name in ("dp4", "tp2dp2", "tp2pp2")}
+LAYOUTS = {name: ALL_LAYOUTS[name] for name in ("dp4", "tp2dp2", "tp2pp2", "ep2_moe")}
 TOLERANCE = 0.05
 
 
@@ -45,8 +42,9 @@ def tiny_moe_model(demo: Path, out: Path) -> Path:
                          pad_token_id=dense.pad_token_id)
     torch.manual_seed(0)
     Qwen3MoeForCausalLM(cfg).save_pretrained(out)
-    for f in (demo / "model").iterdir():
-        if "token" in f.name or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+    for f in (demo / "model").iterdir():  # the tokenizer and its chat template, not the dense model
+        if f.name not in ("config.json", "generation_config.json") and not f.name.endswith((".safetensors", ".bin")) \
+                and "index" not in f.name:
             shutil.copy(f, out / f.name)
     return out
 
@@ -79,6 +77,10 @@ def test_predicted_bytes_per_group_within_5_percent_of_the_recorder(agreement):
     assert agreement["tp2pp2"]["roles"]["PP"]["measured_bytes"] > 0
     assert agreement["tp2dp2"]["roles"]["TP"]["measured_bytes"] > 0
     assert "TP" not in agreement["dp4"]["roles"] and "PP" not in agreement["dp4"]["roles"]
+    assert agreement["ep2_moe"]["roles"]["EP"]["measured_bytes"] > 0
+    # the distributed optimizer: the DP traffic is a reduce-scatter and an all-gather, no all-reduce of grads
+    dp4_ops = {op for (role, op) in (k.split("/", 1) for k in agreement["dp4"]["ops"]) if role == "DP"}
+    assert any(op.startswith("reduce_scatter") for op in dp4_ops), dp4_ops
 
 
 def test_model_state_bytes_per_rank_equal_the_prediction(agreement):
