@@ -22,8 +22,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", default="runs/plan_demo", help="demo model directory (made if missing)")
     p.add_argument("--out", default="runs/plan_agreement")
-    args = p.parse_args()
     from erc_megatron.testing.plan_check import LAYOUTS, agreement_table, memory_table, run_layouts
+
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                   help="layouts of erc_megatron.testing.plan_check.LAYOUTS to run (default: all)")
+    args = p.parse_args()
 
     if not os.path.exists(os.path.join(args.demo, "model", "config.json")):
         from pathlib import Path
@@ -32,9 +35,19 @@ def main() -> int:
 
         print(f"making the demo model in {args.demo}", flush=True)
         make_small_demo(Path(args.demo))
+    layouts = {name: LAYOUTS[name] for name in args.layouts}
+    if any("{moe_model}" in spec for spec in layouts.values()):
+        from pathlib import Path
+
+        from tests.plan.test_plan_agreement import tiny_moe_model
+
+        moe = os.path.abspath(os.path.join(args.out, "moe_model"))
+        os.makedirs(moe, exist_ok=True)
+        tiny_moe_model(Path(args.demo), Path(moe))
+        layouts = {k: v.replace("{moe_model}", moe) for k, v in layouts.items()}
     t0 = time.monotonic()
-    results = run_layouts(os.path.abspath(args.demo), os.path.abspath(args.out), LAYOUTS)
-    print(f"{len(LAYOUTS)} layouts in one launch: {time.monotonic() - t0:.0f} s\n")
+    results = run_layouts(os.path.abspath(args.demo), os.path.abspath(args.out), layouts)
+    print(f"{len(layouts)} layouts in one launch: {time.monotonic() - t0:.0f} s\n")
     print(agreement_table(results) + "\n")
     print(memory_table(results))
     with open(os.path.join(args.out, "agreement.json"), "w") as f:
