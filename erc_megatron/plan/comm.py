@@ -20,12 +20,15 @@ reduce-scatter's full input, a batched p2p call's larger direction). Roles are t
 - DP: the DDP gradient buffer (fp32) is all-reduced once per optimizer step (one bucket: overlap
   is off); with the distributed optimizer each bucket is reduce-scattered instead and the updated
   bf16 parameters all-gathered after the step (buffers padded as megatron pads them). Expert
-  buffers do the same over the expert data-parallel group (role EP).
+  buffers do the same over the expert data-parallel group (role EP). With experts, megatron chains
+  two distributed optimizers (dense, expert) and each all-gathers every buffer after its step, so
+  each buffer's all-gather happens twice per optimizer step.
 - EP (MoE alltoall dispatcher): per MoE layer and forward, an all-gather of the [experts] token
   counts over the expert TP x EP group, all-to-alls of the permuted tokens ([tokens x topk,
   hidden]) and their routing probabilities (fp32), one back to combine; backward the three
   all-to-alls again; with expert TP an all-gather (dispatch) and a reduce-scatter (combine) of the
   tokens over expert TP. The aux load-balancing loss all-reduces the [experts] counts over TP x CP.
+  The all-to-alls' bytes depend on routing (balanced routing assumed): an estimate, ESTIMATED_OPS.
 - MP: the optimizer's grad-norm all-reduce (one fp32 scalar per optimizer step; over the whole
   distributed-optimizer instance when that is on, role DP).
 - statistics: the step statistics' two world all-reduces (SUM, MAX; float64) per optimizer step.
@@ -33,7 +36,8 @@ reduce-scatter's full input, a batched p2p call's larger direction). Roles are t
   all-gather (NCCL) of the split parameters on data-parallel replica 0; with `destination="rank0"`
   later stages' buckets go to rank 0 over PP (isend / recv) and rank 0 broadcasts every bucket on
   the weight-sync group, with `"stage"` each stage's leader broadcasts its own; one pickled outcome
-  broadcast on the world group.
+  broadcast on the world group. MoE (erc_megatron/weights/expert_gather.py): on expert DP replica 0,
+  one gather per MoE layer of every EP rank's experts to EP rank 0; the broadcast carries all experts.
 - world: the rollout reaches every rank in one pickled broadcast (an estimate: pickle sizes are
   not a function of shapes).
 """
