@@ -57,6 +57,8 @@ _MEGATRON_GROUPS = (
     ("EP", "get_expert_model_parallel_group", {}),
     ("EP", "get_expert_data_parallel_group", {}),
     ("EP", "get_expert_tensor_parallel_group", {}),
+    # the alltoall dispatcher all-gathers its token counts over expert TP x EP (its own group object)
+    ("EP", "get_expert_tensor_and_model_parallel_group", {}),
     ("MP", "get_model_parallel_group", {}),
     ("embedding", "get_embedding_group", {}),
     ("embedding", "get_position_embedding_group", {}),

@@ -20,12 +20,15 @@ reduce-scatter's full input, a batched p2p call's larger direction). Roles are t
 - DP: the DDP gradient buffer (fp32) is all-reduced once per optimizer step (one bucket: overlap
   is off); with the distributed optimizer each bucket is reduce-scattered instead and the updated
   bf16 parameters all-gathered after the step (buffers padded as megatron pads them). Expert
-  buffers do the same over the expert data-parallel group (role EP).
+  buffers do the same over the expert data-parallel group (role EP). With experts, megatron chains
+  two distributed optimizers (dense, expert) and each all-gathers every buffer after its step, so
+  each buffer's all-gather happens twice per optimizer step.
 - EP (MoE alltoall dispatcher): per MoE layer and forward, an all-gather of the [experts] token
   counts over the expert TP x EP group, all-to-alls of the permuted tokens ([tokens x topk,
   hidden]) and their routing probabilities (fp32), one back to combine; backward the three
   all-to-alls again; with expert TP an all-gather (dispatch) and a reduce-scatter (combine) of the
   tokens over expert TP. The aux load-balancing loss all-reduces the [experts] counts over TP x CP.
+  The all-to-alls' bytes depend on routing (balanced routing assumed): an estimate, ESTIMATED_OPS.
 - MP: the optimizer's grad-norm all-reduce (one fp32 scalar per optimizer step; over the whole
   distributed-optimizer instance when that is on, role DP).
 - statistics: the step statistics' two world all-reduces (SUM, MAX; float64) per optimizer step.
@@ -33,7 +36,8 @@ reduce-scatter's full input, a batched p2p call's larger direction). Roles are t
   all-gather (NCCL) of the split parameters on data-parallel replica 0; with `destination="rank0"`
   later stages' buckets go to rank 0 over PP (isend / recv) and rank 0 broadcasts every bucket on
   the weight-sync group, with `"stage"` each stage's leader broadcasts its own; one pickled outcome
-  broadcast on the world group.
+  broadcast on the world group. MoE (erc_megatron/weights/expert_gather.py): on expert DP replica 0,
+  one gather per MoE layer of every EP rank's experts to EP rank 0; the broadcast carries all experts.
 - world: the rollout reaches every rank in one pickled broadcast (an estimate: pickle sizes are
   not a function of shapes).
 """
@@ -50,6 +54,18 @@ from erc_megatron.plan.params import Param, count, stage_layers, stage_params
 
 ESTIMATED_ROLES = ("world",)
 """Roles whose bytes are estimates (pickled Python objects), left out of agreement checks."""
+
+ESTIMATED_OPS = (("EP", "all_to_all"),)
+"""(role, op family) pairs whose bytes are estimates, checked apart from the rest of their role. The
+alltoall dispatcher's all-to-alls move as many tokens to each EP rank as the router sends to its
+experts: the recorder's size of one call (the larger of the sent and received buffers) depends on the
+routing decisions, which the data decide. The prediction assumes balanced routing (every rank receives
+as many tokens as it sends); the call count is exact."""
+
+
+def estimate_key(role: str, op: str) -> str:
+    """The role an event of an estimated op is reported under (its own row, marked as an estimate)."""
+    return f"{role}:{op}" if (role, op) in ESTIMATED_OPS else role
 
 
 @dataclass(frozen=True)
@@ -233,7 +249,9 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                         for g, role, size in ((dense, "DP", layout.dp), (expert, "EP", layout.edp)) if g],
             "norms": sum(p.local for p in params if (layout.sp and p.norm) or p.qk_norm),
             "gathers": gather_groups(params, layout, work.weight_sync_bucket_bytes, e),
-            "buckets": sync_buckets(params, work.weight_sync_bucket_bytes, e),
+            # the sync exports every expert of the layer (gathered from all EP ranks), not only local ones
+            "buckets": sync_buckets([q for p in params for q in ([p] * layout.ep if p.expert else [p])],
+                                    work.weight_sync_bucket_bytes, e),
         })
 
     def one_rank(rank: int) -> None:
@@ -324,7 +342,10 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
             for numel, role in mine["buffers"]:
                 if layout.distopt:
                     add(rank, "forward_backward", role, "reduce_scatter", numel * 4)
-                    add(rank, "optimizer", role, "all_gather", numel * e)
+                    # megatron-core 0.16 chains one DistributedOptimizer per buffer kind (dense, expert),
+                    # and each one's step_with_ready_grads calls start_param_sync of the whole model
+                    # chunk: every buffer is all-gathered once per chained optimizer
+                    add(rank, "optimizer", role, "all_gather", numel * e, len(mine["buffers"]))
                 else:
                     add(rank, "forward_backward", role, "all_reduce", numel * 4)
             add(rank, "statistics", "statistics", "all_reduce", n_sum * 8)
@@ -336,6 +357,12 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
 
         # weight sync (destination "rank0")
         elem = e
+        # expert_gather: expert DP replica 0 (every EP rank of it) gathers each MoE layer's experts to EP
+        # rank 0, one gather per layer; the gloo gather counts the gathered rows at the root
+        ep_rank, edp_rank = dp_rank % layout.ep, dp_rank // layout.ep
+        if moe and layout.ep > 1 and edp_rank == 0:
+            local = count(expert) * elem // len(moe)
+            add(rank, "weight_sync", "EP", "gather", local * layout.ep if ep_rank == 0 else local, len(moe))
         if dp_rank == 0:
             for shard in mine["gathers"]:
                 if tp > 1 and shard:
@@ -343,9 +370,6 @@ def predict_step(arch: Arch, layout: Layout, work: Workload, shapes: StepShapes,
                         add(rank, "weight_sync", "TP", "gather", shard * tp if tp_rank == 0 else shard)
                     else:
                         add(rank, "weight_sync", "TP", "all_gather", shard * tp)
-            if moe and layout.ep > 1:  # experts of every EP rank to EP rank 0 of the stage leader's group
-                local = count(expert) * elem
-                add(rank, "weight_sync", "EP", "gather", local * layout.ep if rank == 0 else local)
             if tp_rank == 0 and pp > 1 and work.sync_destination == "rank0":
                 if stage > 0:
                     for b in mine["buckets"]:

@@ -116,7 +116,8 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
     """Predicted vs measured bytes and calls per role (and per role and op), and memory, of one layout's
     profiled step. The prediction takes the step's micro-batch shapes from the profile (the data decide
     them) and everything else from the recipe."""
-    from erc_megatron.plan.comm import ESTIMATED_ROLES, measured_events, predict_step, shapes_from_profile, totals
+    from erc_megatron.plan.comm import (ESTIMATED_OPS, ESTIMATED_ROLES, estimate_key, measured_events, predict_step,
+                                       shapes_from_profile, totals)
     from erc_megatron.plan.inputs import (arch_with_recipe, layout_from_recipe, load_hf_config, load_raw_recipe,
                                           workload_from_recipe)
     from erc_megatron.plan.memory import activation_bytes, logits_bytes, model_state_bytes
@@ -132,8 +133,9 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
     with open(os.path.join(run_dir, "comm_profile.json")) as f:
         profile = json.load(f)
     shapes = shapes_from_profile(profile)
-    predicted = predict_step(arch, layout, work, shapes)
-    measured = measured_events(profile)
+    # estimated ops get their own role row, so the rest of their role is still checked exactly
+    predicted = [replace(ev, role=estimate_key(ev.role, ev.op)) for ev in predict_step(arch, layout, work, shapes)]
+    measured = [replace(ev, role=estimate_key(ev.role, ev.op)) for ev in measured_events(profile)]
     out: dict = {"layout": layout.label, "shapes": [shapes.b, shapes.s, shapes.old_policy, list(shapes.updates)],
                  "roles": {}, "ops": {}}
     for keys, table in ((("role",), "roles"), (("role", "op"), "ops")):
@@ -142,7 +144,8 @@ def compare_layout(recipe: str, overrides: list[str], run_dir: str, world: int) 
             p, m = pred.get(k, {"count": 0, "bytes": 0}), meas.get(k, {"count": 0, "bytes": 0})
             out[table]["/".join(k)] = {"predicted_bytes": p["bytes"], "measured_bytes": m["bytes"],
                                        "predicted_calls": p["count"], "measured_calls": m["count"],
-                                       "estimate": k[0] in ESTIMATED_ROLES}
+                                       "estimate": k[0] in ESTIMATED_ROLES
+                                       or tuple(k[0].split(":", 1)) in ESTIMATED_OPS}
     from erc_megatron.plan.comm import rank_coords
 
     memory = {}
