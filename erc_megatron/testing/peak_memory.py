@@ -19,20 +19,14 @@ from erc_megatron.patches.torch_profiler_memory import cpu_memory_events
 
 def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
     """(fn(), peak bytes allocated above the level at the call, on CPU, by this process)."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's start/stop lines off stderr
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        result = fn()
-    level = peak = 0
-    for _, delta in cpu_memory_events(prof):
-        level += delta
-        peak = max(peak, level)
+    result, peak, _ = peak_and_held_cpu_bytes(fn)
     return result, peak
 
 
 def peak_and_held_cpu_bytes(fn: Callable[[], Any]) -> tuple[Any, int, int]:
     """(fn(), peak bytes above the level at the call, bytes still held when fn returned): for a forward
     pass, what it keeps alive for backward (activations) besides its output."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's start/stop lines off stderr
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         result = fn()
     level = peak = 0

@@ -20,6 +20,16 @@ def _cluster(cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(LOCAL_CLUSTER), cmd], capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def stub_bin(tmp_path_factory) -> Path:
+    """A PATH folder whose srun / sbatch / scontrol / nvidia-smi fail loudly: a dry run must call none."""
+    d = tmp_path_factory.mktemp("stub_bin")
+    for name in ("srun", "sbatch", "scontrol", "nvidia-smi"):
+        (d / name).write_text(f"#!/bin/sh\necho 'dry run called {name}' >&2\nexit 99\n")
+        (d / name).chmod(0o755)
+    return d
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """SLURM_CONF of the running local cluster (two nodes on this machine): the one CI started before

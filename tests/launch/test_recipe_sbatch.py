@@ -20,15 +20,6 @@ from tests.launch.common import REPO
 WRAPPERS = sorted(p for p in (REPO / "launch" / "slurm").glob("*.sbatch") if p.name != "erc_train.sbatch")
 
 
-@pytest.fixture(scope="module")
-def stub_bin(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("stub_bin")
-    for name in ("srun", "sbatch", "scontrol", "nvidia-smi"):
-        (d / name).write_text(f"#!/bin/sh\necho 'dry run called {name}' >&2\nexit 99\n")
-        (d / name).chmod(0o755)
-    return d
-
-
 def test_every_recipe_naming_an_sbatch_script_names_one_that_runs_it():
     named = 0
     for recipe in sorted((REPO / "examples").glob("*.yaml")):

@@ -23,15 +23,6 @@ SCRIPT = REPO / "launch" / "slurm" / "erc_train.sbatch"
 CONFIG = REPO / "examples" / "cpu_demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def stub_bin(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("stub_bin")
-    for name in ("srun", "sbatch", "scontrol", "nvidia-smi"):
-        (d / name).write_text(f"#!/bin/sh\necho 'dry run called {name}' >&2\nexit 99\n")
-        (d / name).chmod(0o755)
-    return d
-
-
 def _dry_run(stub_bin: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "MASTER_", "ROLLOUT_",
                                                                        "SGLANG_", "ERC_", "LEARNER_"))}
