@@ -314,10 +314,11 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: ModelConfig 
             errors.append(f"world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
                           f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size "
                           f"({p.pipeline_model_parallel_size}) = {expert_mp}")
-        if ep > 1 and p.tensor_model_parallel_size > 1 and not getattr(p, "sequence_parallel", False):
-            errors.append(f"expert_model_parallel_size ({ep}) with tensor_model_parallel_size "
-                          f"({p.tensor_model_parallel_size}) needs parallel.sequence_parallel: true "
-                          f"(megatron-core requires it)")
+        if p.tensor_model_parallel_size > 1 and not getattr(p, "sequence_parallel", False):
+            # megatron-core's MoELayer refuses to train under TP without it, whatever the expert layout
+            errors.append(f"a Mixture-of-Experts model with tensor_model_parallel_size "
+                          f"({p.tensor_model_parallel_size}) (expert_model_parallel_size {ep}) needs "
+                          f"parallel.sequence_parallel: true (megatron-core requires it)")
         if model is not None and model.moe_ffn_hidden_size % etp:
             errors.append(f"moe_ffn_hidden_size ({model.moe_ffn_hidden_size}) is not divisible by "
                           f"expert_tensor_parallel_size ({etp})")

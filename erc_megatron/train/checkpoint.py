@@ -15,12 +15,15 @@ With the distributed optimizer (ZeRO-1) each rank's file holds its slices of the
 and Adam moments, and the layout-free folders hold them whole (assembled over data parallel), so a
 checkpoint saved with it resumes without it and the other way round.
 
-Resuming with the same layout (TP, PP, world size, distributed optimizer or not) loads every rank's
-own file: bit-exact. With a different layout, the weights and Adam moments are resharded from those
-folders (full tensors cut anew for the new TP x PP), the step, Adam step count, LR schedule and data position come from
-trainer.json; the RNG states start fresh (they are per rank; a warning says so). bf16/fp16 runs
-also write their fp32 master weights (`main_params/`), so nothing is rounded on the way. Nothing is
-unpickled: per-rank files load with `weights_only=True`.
+Resuming with the same layout (TP, PP, expert parallel and expert TP sizes, world size, distributed
+optimizer or not) loads every rank's own file: bit-exact. With a different layout, the weights and
+Adam moments are resharded from those folders (full tensors cut anew for the new TP x PP; an MoE's
+experts, one tensor per expert there, dealt anew over EP and cut over expert TP), the step, Adam
+step count, LR schedule and data position come from trainer.json; the RNG states start fresh (they
+are per rank; a warning says so). bf16/fp16 runs also write their fp32 master weights
+(`main_params/`), so nothing is rounded on the way. Nothing is unpickled: per-rank files load with
+`weights_only=True`. An MoE checkpoint whose layout does not record the expert sizes (older
+versions) always reshards, or is refused if it has no layout-free copy.
 """
 from __future__ import annotations
 
@@ -62,6 +65,9 @@ def _layout(learner) -> dict:
     return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            # which experts a rank holds, and how each is cut (1 and the TP size for a dense model)
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
             # the per-rank optimizer files differ in kind with and without it
             "distributed_optimizer": bool(getattr(learner, "distributed_optimizer", False))}
 
@@ -206,6 +212,13 @@ def _load_scheduler(learner, state: dict) -> None:
     learner.scheduler.load_state_dict(state)
 
 
+def _saved_layout(layout: dict) -> dict:
+    """The saved layout with the fields that older checkpoints lack: those from before the distributed
+    optimizer were saved without it, those from before the expert fields were dense or EP1 x ETP=TP."""
+    return {"distributed_optimizer": False, "expert_model_parallel_size": 1,
+            "expert_tensor_parallel_size": layout["tensor_model_parallel_size"], **layout}
+
+
 def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
     """Load the checkpoint into this rank's learner; returns the trainer state (step, data position, ...).
 
@@ -215,8 +228,18 @@ def load_checkpoint(folder: Path, learner, layout_free: bool = False) -> dict:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer_state = json.loads((folder / "trainer.json").read_text())
-    # checkpoints from before the distributed optimizer existed were saved without it
-    saved, now = {"distributed_optimizer": False, **trainer_state["layout"]}, _layout(learner)
+    saved, now = _saved_layout(trainer_state["layout"]), _layout(learner)
+    if learner.model_config.is_moe and "expert_model_parallel_size" not in trainer_state["layout"]:
+        # saved before the layout recorded how the experts were split: its per-rank files cannot be
+        # matched to this run's, the layout-free copy always can
+        saved = {k: v for k, v in saved.items() if not k.startswith("expert_")}
+        if not (folder / MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"checkpoint {folder} of a Mixture-of-Experts model records no expert_model_parallel_size / "
+                f"expert_tensor_parallel_size in trainer.json's layout (saved by an older version) and has no "
+                f"layout-free {MODEL_DIR}/ to reshard from; it cannot be resumed. Resume from a checkpoint written "
+                f"by this version, or start a fresh run from an exported Hugging Face checkpoint (model.path)")
+        return _load_resharded(folder, learner, trainer_state, saved, now)
     if saved != now or layout_free:
         return _load_resharded(folder, learner, trainer_state, saved, now)
     path = folder / f"rank_{rank:05d}.pt"
@@ -243,8 +266,8 @@ def _load_resharded(folder: Path, learner, trainer_state: dict, saved: dict, now
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {folder} was saved with layout {saved}, this run has {now}, and it "
                                 f"has no layout-free {MODEL_DIR}/ to reshard from (saved by an older version, or the "
-                                f"model maps to no Hugging Face architecture); resume with the saved tensor/pipeline "
-                                f"parallel sizes and world size")
+                                f"model maps to no Hugging Face architecture); resume with the saved "
+                                f"tensor/pipeline/expert parallel sizes, distributed optimizer setting and world size")
     load_hf_checkpoint(learner.unwrapped, str(model_dir), learner.model_config)
     # the fp32 master copies (bf16/fp16) must follow the loaded weights: exactly from main_params/
     learner.optimizer.reload_model_params()

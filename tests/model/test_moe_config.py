@@ -76,6 +76,11 @@ def test_layout_errors_name_expert_numbers():
     assert any("num_experts (4) is not divisible by expert_model_parallel_size (3)" in e for e in errs)
     errs = layout_errors(4, ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2), cfg)
     assert any("needs parallel.sequence_parallel: true" in e for e in errs)
+    # megatron's MoELayer refuses to train under TP without sequence parallelism at EP1 too
+    errs = layout_errors(2, ParallelConfig(tensor_model_parallel_size=2), cfg)
+    assert any("tensor_model_parallel_size (2) (expert_model_parallel_size 1) needs parallel.sequence_parallel: true"
+               in e for e in errs), errs
+    assert layout_errors(2, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), cfg) == []
     errs = layout_errors(2, ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), cfg)
     assert any("expert_tensor_parallel_size (2) x expert_model_parallel_size (2)" in e for e in errs)
     errs = layout_errors(4, ParallelConfig(expert_tensor_parallel_size=8), cfg)

@@ -37,7 +37,8 @@ def _model_cfg():
                        hf_architecture="Qwen3ForCausalLM")
 
 
-def _step(learner, groups, cfg):
+def _step(learner, groups, cfg, micro_batch_size=None):
+    """Two ERC mini-batch updates; `micro_batch_size` per rank (default 4 / dp: 4 sequences per micro-batch step)."""
     from megatron.core import parallel_state as ps
 
     from erc_megatron.algo import PolicyLossConfig
@@ -48,7 +49,8 @@ def _step(learner, groups, cfg):
     loss_cfg = PolicyLossConfig(surrogate="ppo_clip", erc=True, erc_low=0.995, erc_high=1.005, clip_ratio_c=3.0)
     logits_cfg = LogitsConfig(temperature=0.9)
     dp = ps.get_data_parallel_world_size()
-    minibatches = split_minibatches(groups, 2, ps.get_data_parallel_rank(), dp, micro_batch_size=4 // dp or 1, pad_id=0)
+    minibatches = split_minibatches(groups, 2, ps.get_data_parallel_rank(), dp,
+                                    micro_batch_size=micro_batch_size or 4 // dp or 1, pad_id=0)
     flat = old_policy_pass(learner.model, [mb for m in minibatches for mb in m.mine], cfg.vocab_size, logits_cfg)
     out, i = [], 0
     for m in minibatches:
