@@ -3,7 +3,8 @@
 A tiny Qwen3-MoE (4 experts, top-2, aux loss on) is saved at EP2 (dp2: the distributed optimizer is
 on; the experts' Adam state is whole on each EP rank, expert data parallel being 1) and resumed at
 EP1 (dp2: the experts' Adam state is now sliced over two expert data-parallel ranks), TP2 x EP2 x
-ETP1 and TP2 x EP1 x ETP2 (dp1, sequence parallel: the plain optimizer); a second checkpoint saved
+ETP1 and TP2 x EP1 x ETP2 (dp1, sequence parallel: the plain optimizer) and PP2 x EP1 (dp1), with
+the same micro-batches everywhere (the aux loss is per micro-batch); a second checkpoint saved
 at EP1 resumes at EP2. The next step's losses, gradient norms and ERC statistics equal those of the
 run that kept its layout within test_parallel_equivalence's tolerances, because the expert weights
 and their Adam moments are resharded through the layout-free folders. Resuming at the saved layout
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.e2e  # multi-process launches
 
 
 SAVED = (1, 1, 2, 1)  # EP2, dp2
-# EP1 dp2; TP2 x EP2 x ETP1 dp1; TP2 x EP1 x ETP2 dp1 (both sequence parallel, which MoE needs under TP)
-RESHARDED = [(1, 1, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2)]
+# EP1 dp2; TP2 x EP2 x ETP1 dp1; TP2 x EP1 x ETP2 dp1 (both sequence parallel, which MoE needs under TP);
+# PP2 x EP1 dp1
+RESHARDED = [(1, 1, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2), (1, 2, 1, 1)]
 EP1_SAVED = (1, 1, 1, 1)
 # the same micro-batches (token sets) at dp1 and dp2: the aux loss is per micro-batch, as in HF
 MICRO_BATCH = 2
