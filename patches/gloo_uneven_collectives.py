@@ -1,10 +1,11 @@
-"""Uneven list all-gather / reduce-scatter on gloo (megatron's MoE dispatch under TP x EP).
+"""Uneven list all-gather / reduce-scatter on gloo (megatron's MoE dispatch under EP x expert TP).
 
-megatron-core's token dispatchers gather and reduce-scatter expert inputs over the tensor-parallel
-group with per-rank row counts (`_gather_along_first_dim` / `_reduce_scatter_along_first_dim` with
-split sizes): `torch.distributed.all_gather(tensor_list, tensor)` with tensors of different sizes,
-and `torch.distributed.reduce_scatter(output, input_list)` with chunks of different sizes. NCCL
-takes both; gloo refuses uneven all-gathers ("invalid tensor size") and has no list reduce-scatter.
+megatron-core's all-to-all token dispatcher gathers and reduce-scatters expert inputs over the
+expert tensor-parallel group with per-rank row counts (`_gather_along_first_dim` /
+`_reduce_scatter_along_first_dim` with split sizes): `torch.distributed.all_gather(tensor_list,
+tensor)` with tensors of different sizes, and `torch.distributed.reduce_scatter(output,
+input_list)` with chunks of different sizes. NCCL takes both; gloo refuses uneven all-gathers
+("invalid tensor size") and has no list reduce-scatter.
 
 On gloo, when the sizes differ, these replacements pad every rank's rows to the largest count and
 run one `all_gather_into_tensor` / `reduce_scatter_tensor` (both gloo has), then drop the padding.
@@ -17,8 +18,11 @@ tensors, and folds the padded collective inside it into that record. Installing 
 is active fails loudly (it would hide the calls from it).
 
 Checked against torch 2.13.0 (run here: gloo refuses the uneven all-gather, takes the padded one)
-and megatron-core 0.16.1 (the two call sites in tensor_parallel/mappings.py, reached from
-`MoEAlltoAllTokenDispatcher` and `MoEAllGatherTokenDispatcher` at TP2 x EP2).
+and megatron-core 0.16.1 and 0.19.2 (the two call sites in tensor_parallel/mappings.py, the same in
+both, reached from `MoEAlltoAllTokenDispatcher` when expert TP > 1: at TP2 x EP2 x expert TP 2,
+3 uneven all-gathers and 6 uneven reduce-scatters per rank in one forward-backward of
+tests/model/moe_models.py's 2-layer model, on both versions. `MoEAllGatherTokenDispatcher` gathers
+over TP x EP without split sizes, so even ones: 0 calls at TP2 x EP2, run on both).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-CHECKED = "torch 2.13.0, megatron-core 0.16.1"
+CHECKED = "torch 2.13.0, megatron-core 0.16.1 and 0.19.2"
 _MODULES = (dist, c10d)
 _PARAMS = {"all_gather": ("tensor_list", "tensor", "group", "async_op"),
            "reduce_scatter": ("output", "input_list", "op", "group", "async_op")}

@@ -1,9 +1,13 @@
 """CPU / gloo fixes for megatron-core's MoE layers (router, all-to-all token dispatcher).
 
-Checked against megatron-core 0.16.1 (Python 3.11), run here on CPU/gloo with the local layer
-spec (SequentialMLP experts) at EP2/EP4 x TP1/TP2 and PP2 (tests/model/test_moe_distributed.py);
-the rewritten constructs are also present in 0.19.2's source (not run there: the Python 3.12
-subset, tests/run_py312.sh, has no MoE test).
+Checked against megatron-core 0.16.1 (Python 3.11) and 0.17.1, 0.18.2, 0.19.2 (Python 3.12), each
+run here on CPU/gloo with the local layer spec (SequentialMLP experts) at EP2/EP4 x TP1/TP2 and PP2
+(tests/model/test_moe_distributed.py, tests/model/test_moe_config.py; on 0.16.1 and 0.19.2 also
+the EP2 training run, tests/train/test_moe_train_e2e.py, and a forward-backward per load-balancing
+type, aux_loss / seq_aux_loss / global_aux_loss / none, with both dispatchers: same gradients on
+both). The Python 3.12 subset (tests/run_py312.sh) runs the MoE tests on 0.19.2. Fixes 1-3 are
+needed on every one of these versions; fix 4 only on 0.16.x (0.17 and later set te_general_gemm
+to None themselves without TE).
 Applied only when CUDA is absent, after `megatron_cpu.apply_cpu_patches`. Each fix rewrites one
 construct inside one upstream function (see `source_rewrite`) after checking it is still there, so
 a changed upstream fails at start-up naming the function.
@@ -33,7 +37,7 @@ import torch
 
 from .source_rewrite import Rewrite, UpstreamChangedError, rewrite_function
 
-CHECKED = "megatron-core 0.16.1 (MoE on CPU, local spec)"
+CHECKED = "megatron-core 0.16.1, 0.17.1, 0.18.2, 0.19.2 (MoE on CPU, local spec, all run)"
 log = logging.getLogger(__name__)
 
 _CURRENT_DEVICE = Rewrite("torch.cuda.current_device()", '"cpu"')
@@ -94,12 +98,12 @@ def _patch_dispatcher() -> None:
 
 def _patch_missing_te_gemm() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    if hasattr(moe_utils, "te_general_gemm"):  # defined either way (0.19.x sets it to None without TE)
+    if hasattr(moe_utils, "te_general_gemm"):  # defined either way from 0.17 (None without TE)
         return
     if getattr(moe_utils, "HAVE_TE", None) is None:
         raise UpstreamChangedError(f"megatron.core.transformer.moe.moe_utils has no HAVE_TE flag any more; "
                                    f"re-check the te_general_gemm fallback (checked {CHECKED})")
-    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+    if not moe_utils.HAVE_TE:  # 0.16.x: only the `try` that sets HAVE_TE imports it
         moe_utils.te_general_gemm = None
 
 

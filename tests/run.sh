@@ -4,7 +4,7 @@
 #   2. SGLang 0.5.23's Python code for the interop test (no GPU stack; torch is left alone);
 #   3. the suite on this Python (3.11, megatron-core 0.16.x), the launcher tests on a local 2-node Slurm
 #      cluster (launch/slurm/local_cluster.sh) started here and stopped on exit;
-#   4. the ops, parallel-equivalence, end-to-end and console tests on Python 3.12 + megatron-core 0.19.x
+#   4. the ops, parallel-equivalence, end-to-end, console and MoE tests on Python 3.12 + megatron-core 0.19.x
 #      in their own venv (ERC_SKIP_PY312=1 leaves that part out; CI never sets it).
 # Under CI=true a missing Slurm, MPI or SGLang fails the tests instead of skipping them.
 set -euo pipefail

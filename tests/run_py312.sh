@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Python 3.12 + megatron-core 0.19.x: the ops, parallel-equivalence, end-to-end train and console
-# tests, in their own venv (the main suite runs on Python 3.11 + megatron-core 0.16.1).
+# Python 3.12 + megatron-core 0.19.x: the ops, parallel-equivalence, end-to-end train, console and
+# MoE (conversion at EP x TP / PP, config, EP2 training) tests, in their own venv (the main suite runs
+# on Python 3.11 + megatron-core 0.16.1).
 #   bash tests/run_py312.sh [pytest args]
 # Env: PYTHON312 (interpreter, default python3.12 or pyenv's 3.12.1), VENV312 (default .venv312,
 # reused when present), MCORE_VERSION (default 0.19.2).
@@ -44,5 +45,6 @@ print(f"run_py312: venv ready in {sys.argv[1]} s: python {sys.version.split()[0]
 PY
 
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/ops tests/train/test_parallel_equivalence.py tests/train/test_train_e2e.py tests/utils/test_console.py "$@"
+  tests/ops tests/train/test_parallel_equivalence.py tests/train/test_train_e2e.py tests/utils/test_console.py \
+  tests/model/test_moe_config.py tests/model/test_moe_distributed.py tests/train/test_moe_train_e2e.py "$@"
 echo "run_py312: total $((SECONDS - t0)) s"
