@@ -15,7 +15,8 @@ bucket size, each after one warm-up:
            /update_weights_from_distributed + one flat broadcast, the server's validation and
            staging; then the outcome exchange, the commit (/flush_cache: the server puts every
            staged tensor into its model; /update_weight_version), continue, the outcome broadcast;
-  stream   `iter_hf_weights(destination="stage")` alone (the learner-side part of a sync);
+  stream   `iter_hf_weights(destination="stage")` alone (the learner-side part of a sync), with its
+           buffers reused from one stream to the next as a sync on CPU does;
   plain    the transport floor: rank 0 broadcasts, over stage 0's group to the same server, ALL
            the sync's bytes in the same bucket sizes, prepared in advance, from one rank (the
            sync sends from one rank per stage). The server receives a broadcast only inside
@@ -94,6 +95,16 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(cpu)
 
 
+def _http_round_trip_ms(client, url: str, calls: int = 20) -> float:
+    """Median milliseconds of one kept-alive GET /get_weight_version (every bucket of a sync costs at least one)."""
+    times = []
+    for _ in range(calls + 1):
+        t0 = time.perf_counter()
+        client.get_weight_version()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
 def _plain_broadcast(client, url: str, group, group_name: str, buffers: list[torch.Tensor]) -> None:
     """Per buffer: announce it as one uint8 tensor of an unknown name, broadcast it, expect the refusal."""
     from erc_megatron.rollout.client import SGLangError
@@ -123,6 +134,7 @@ def run(rank: int, args, path: str) -> None:
     from erc_megatron.sync.weight_sync import WeightSync
     from erc_megatron.weights.checkpoint_io import hf_config_to_model_config
     from erc_megatron.weights.hf_stream import iter_hf_weights, plan_hf_buckets
+    from erc_megatron.weights.transfer_buffers import TransferBuffers
 
     wire = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.wire_dtype]
     cfg = hf_config_to_model_config(path)
@@ -132,6 +144,7 @@ def run(rank: int, args, path: str) -> None:
         server = launch_server_process(path, extra_args=["--num-threads", str(args.server_threads)])
         _SERVER_PID.append(server.process.pid)
         client = SGLangClient([server.url], timeout=1800, max_retries=1)
+        args.http_ms = _http_round_trip_ms(client, server.url)
     try:
         # the weights' values do not matter here, only their layout: megatron's own init
         learner = SimpleNamespace(model=build_gpt_model(cfg))
@@ -152,9 +165,12 @@ def run(rank: int, args, path: str) -> None:
                 sync.sync(version)
                 waits.append(sync.last_gather_wait_s)
 
+            buffers = TransferBuffers()  # reused from one stream to the next, as a sync on CPU does
+
             def stream():
-                for bucket in iter_hf_weights(learner.model, cfg, bucket_bytes, dtype=wire, destination="stage"):
-                    flatten_tensors([t for _, t in bucket])  # what a sync sends
+                for bucket in iter_hf_weights(learner.model, cfg, bucket_bytes, dtype=wire, destination="stage",
+                                              buffers=buffers):
+                    buffers.release(flatten_tensors([t for _, t in bucket]))  # what a sync sends
 
             one_sync()  # warm-up, and builds the group
             t_sync = _median_time(one_sync, args.repeats)
@@ -228,6 +244,7 @@ def _print_table(rows: list[dict], args, cfg) -> None:
               f"{rate(n, r['flat']):>7.1f} | {r['sync'] / r['plain']:>10.2f} {r['sync'] / r['flat']:>9.2f} | "
               f"{r['tensor']:>8.3f} | {r['cpu_sync']:>8.2f} {r['cpu_plain']:>9.2f} "
               f"{r['cpu_sync'] / r['cpu_plain']:>5.2f}")
+    print(f"HTTP round trip (kept-alive GET, median of 20): {args.http_ms:.2f} ms")
     best = min(r["sync"] / r["plain"] for r in rows)
     nbytes = args.project_params * 2
     nic = args.project_gbps / 8 * 1e9 * args.project_efficiency  # bytes/s of one NIC

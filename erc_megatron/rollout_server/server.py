@@ -531,6 +531,9 @@ def _field(body: dict, name: str, kind: type, default=_MISSING):
 class _Handler(BaseHTTPRequestHandler):
     server_version = SERVER_VERSION
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: a response is written as headers then body; with Nagle's algorithm on, the body
+    # waits for the client's delayed ACK of the headers (40 ms on Linux) on every kept-alive call
+    disable_nagle_algorithm = True
     rollout: RolloutServer  # set on the subclass made per server
 
     def log_message(self, fmt, *args):  # one info line per generate batch instead

@@ -225,6 +225,7 @@ class WeightSync:
             raise ValueError(f"weight sync mode must be one of {SYNC_MODES}, got {mode!r}")
         self.mode = mode
         self._shared: torch.Tensor | None = None  # tensor mode: the shared-memory bucket buffer
+        self._buffers = None  # CPU: the stream's TransferBuffers, kept for the run
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
         if max_attempts < 1:
@@ -352,8 +353,9 @@ class WeightSync:
             joined = [None] * dist.get_world_size()
             dist.all_gather_object(joined, ok)
             send = ok and all(joined)
+        buffers = self._transfer_buffers()
         buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
-                                  destination=SENDERS["distributed"])
+                                  destination=SENDERS["distributed"], buffers=buffers)
         if sender:
             total = len(plan_hf_buckets(self.model_cfg, stages, self.bucket_bytes, self.dtype)[stage])
             prefetch = _Prefetch(buckets, cuda=torch.cuda.is_available())
@@ -361,6 +363,7 @@ class WeightSync:
             for names, dtypes, shapes, flat, ready in prefetch:
                 index += 1
                 if not (ok and send):
+                    buffers.release(flat)
                     continue  # the rest is still gathered: the TP peers take part in those collectives
                 try:
                     if ready is not None:  # gathered on the producer's CUDA stream
@@ -368,7 +371,8 @@ class WeightSync:
                         flat.record_stream(torch.cuda.current_stream())
                     self._send_bucket(names, dtypes, shapes, flat)
                     sent += flat.numel()
-                except Exception as exc:  # noqa: BLE001
+                    buffers.release(flat)  # broadcast done: the producer may refill it
+                except Exception as exc:  # noqa: BLE001 - an aborted broadcast may still read it: not released
                     ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
                     gone += self._gone(exc)
             waited = prefetch.waited_s
@@ -444,8 +448,9 @@ class WeightSync:
 
         total = sum(len(s) for s in plan_hf_buckets(self.model_cfg, ps.get_pipeline_model_parallel_world_size(),
                                                     self.bucket_bytes, self.dtype))
+        buffers = self._transfer_buffers()
         buckets = iter_hf_weights(self.learner.model, self.model_cfg, self.bucket_bytes, dtype=self.dtype,
-                                  destination=SENDERS["tensor"])
+                                  destination=SENDERS["tensor"], buffers=buffers)
         if self.rank != 0:
             for _ in buckets:  # other ranks only take part in the gathers
                 pass
@@ -472,6 +477,7 @@ class WeightSync:
                 last = index == total
                 self._send_tensor_bucket(names, dtypes, shapes, flat, str(version) if last else None, last)
                 sent += flat.numel()
+                buffers.release(flat)
             except Exception as exc:  # noqa: BLE001
                 ok, error, retry = False, f"{type(exc).__name__}: {exc}", not _is_rejection(exc)
                 self._retire_if_gone(exc)
@@ -490,6 +496,17 @@ class WeightSync:
             ok, error = False, error or f"{type(exc).__name__}: {exc}"
         self.last_bytes = sent
         return ok, error, retry
+
+    def _transfer_buffers(self):
+        """The stream's buffers: on CPU the same ones every sync (fresh pages cost more than the copies,
+        see weights/transfer_buffers); on CUDA new ones per sync, so nothing stays held between syncs."""
+        from erc_megatron.weights.transfer_buffers import TransferBuffers
+
+        if torch.cuda.is_available():
+            return TransferBuffers()
+        if self._buffers is None:
+            self._buffers = TransferBuffers()
+        return self._buffers
 
     def _send_bucket(self, names, dtypes, shapes, flat: torch.Tensor) -> None:
         """Announce one bucket (staged: flush_cache=false, no version) to every server and broadcast it;
@@ -627,6 +644,7 @@ class WeightSync:
         self.group = None
 
     def close(self) -> None:
+        self._buffers = None
         if self.group is not None:
             self._reset_group()
         if self.rank != 0 and self._http is not None:

@@ -144,9 +144,16 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.
         raise ConfigError(f"linear_qkv has {qkv.shape[0]} rows, not a multiple of (heads per group + 2) x "
                           f"kv_channels = {rows_per_group}")
     rest = qkv.shape[1:]
-    grouped = qkv.reshape(qkv.shape[0] // rows_per_group, rows_per_group, *rest)
-    q, k, v = torch.split(grouped, [q_per_group * hd, hd, hd], dim=1)
+    q, k, v = _grouped_qkv(qkv, cfg)
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _grouped_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views [groups, q rows | kv_channels | kv_channels, ...] of a full or TP-local linear_qkv."""
+    hd = cfg.kv_channels
+    q_per_group = cfg.num_attention_heads // cfg.num_query_groups
+    grouped = qkv.reshape(qkv.shape[0] // ((q_per_group + 2) * hd), (q_per_group + 2) * hd, *qkv.shape[1:])
+    return tuple(torch.split(grouped, [q_per_group * hd, hd, hd], dim=1))  # type: ignore[return-value]
 
 
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -212,6 +219,40 @@ def hf_from_megatron(full_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> 
     if split is TPSplit.GATED_COLUMN:
         return list(zip(names, split_gate_up(tensor)))
     return [(names[0], tensor)]
+
+
+HFPiece = tuple[str, torch.Tensor, int, int]
+"""(HF name, piece, dim, start): `piece_place(HF tensor, piece, dim, start)` is where `piece` belongs."""
+
+
+def piece_place(dest: torch.Tensor, piece: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+    """The view of HF tensor `dest` that `piece` fills: along dim 1 (a ROW shard's columns) the
+    columns from `start`; along dim 0, `dest` viewed with `piece`'s trailing shape (whole query
+    groups for a QKV shard's q, k or v) from row `start`."""
+    if dim == 1:
+        return dest.narrow(1, start, piece.shape[1])
+    return dest.view(-1, *piece.shape[1:]).narrow(0, start, piece.shape[0])
+
+
+def hf_pieces_from_shard(full_name: str, shard: torch.Tensor, cfg: ModelConfig, tp_rank: int = 0,
+                         tp_size: int = 1) -> list[HFPiece]:
+    """Where TP rank `tp_rank`'s shard of Megatron parameter `full_name` lands in the HF tensors (the
+    inverse of `megatron_shard_from_hf`, piece by piece): views of `shard`, so a caller copies each
+    straight into its place (`piece_place`) without merging the shards first. Vocabulary padding
+    rows land nowhere; a replicated tensor is taken from TP rank 0 only."""
+    split = tp_split_of(full_name)
+    names = hf_names(full_name)
+    if split is TPSplit.REPLICATED:
+        return [(names[0], shard, 0, 0)] if tp_rank == 0 else []
+    if split is TPSplit.VOCAB:
+        start = tp_rank * shard.shape[0]
+        stop = min(start + shard.shape[0], cfg.vocab_size)
+        return [(names[0], shard[: stop - start], 0, start)] if start < stop else []
+    if split is TPSplit.COLUMN:  # whole query groups: q, k and v as [groups, rows per group, ...] views
+        return [(n, t, 0, tp_rank * t.shape[0]) for n, t in zip(names, _grouped_qkv(shard, cfg))]
+    if split is TPSplit.GATED_COLUMN:
+        return [(n, t, 0, tp_rank * t.shape[0]) for n, t in zip(names, split_gate_up(shard))]
+    return [(names[0], shard, 1, tp_rank * shard.shape[1])]  # ROW
 
 
 def dict_fetch(hf_state: Mapping[str, torch.Tensor]) -> Fetch:

@@ -18,9 +18,11 @@ Bucket contents follow from the config alone (`plan_hf_buckets`), so every rank 
 bucket's names, shapes and dtype before any tensor exists (a sender can announce a bucket to
 SGLang while it is gathered). A bucket holds at most `bucket_bytes`, except that a single tensor
 larger than that travels alone. All tensors are cast to one dtype (`dtype`, default the model's
-params_dtype) before they are gathered. A bucket's tensors are views of one flat buffer (filled
-by one copy per tensor, straight from the merged TP shards), which a sender sends as is; a new
-buffer per bucket, so a bucket stays valid after the next optimizer step.
+params_dtype) before they are gathered. A bucket's tensors are views of one flat buffer, filled
+by one copy per TP shard straight from the gathered rows (no merged tensor is ever made: each
+shard's pieces go to their places in the HF tensors), which a sender sends as is; a new
+buffer per bucket, so a bucket stays valid after the next optimizer step, unless the caller passes
+`TransferBuffers` to reuse (see transfer_buffers: on CPU, fresh pages cost more than the copies).
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ from erc_megatron.model.config import ConfigError, ModelConfig
 from erc_megatron.model.gpt import torch_dtype
 
 from .expert_gather import gather_layer_experts, takes_part
-from .hf_convert import check_hf_compatible, hf_from_megatron, hf_names, hf_shape
-from .layout import LocalParam, TPSplit, full_param_shape, merge_tp, split_layer_name, stage_params
+from .hf_convert import HFPiece, check_hf_compatible, hf_names, hf_pieces_from_shard, hf_shape, piece_place
+from .layout import LocalParam, TPSplit, full_param_shape, split_layer_name, stage_params
 from .rank_params import RankGroups, rank_groups, rank_parameters
+from .transfer_buffers import TransferBuffers
 
 DESTINATIONS = ("stage", "rank0")
 Bucket = list[tuple[str, torch.Tensor]]
@@ -102,10 +105,15 @@ def is_bucket_receiver(destination: str = "stage", layout=None) -> bool:
 
 
 def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: torch.dtype | None = None,
-                    destination: str = "stage", layout=None) -> Iterator[Bucket]:
+                    destination: str = "stage", layout=None,
+                    buffers: TransferBuffers | None = None) -> Iterator[Bucket]:
     """Yield HF (name, tensor) buckets on the receiving ranks (see module docstring); run on all ranks.
 
-    `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made)."""
+    `layout`: erc_megatron.dist.ParallelLayout (None: the one init_distributed made). `buffers`: where
+    scratch space and bucket buffers come from (None: fresh ones for this call, every bucket a new
+    buffer that stays the caller's); a caller passing its own hands each bucket back with
+    `buffers.release(bucket tensor)` once done with it, after which its contents change."""
+    buffers = buffers if buffers is not None else TransferBuffers(reuse_buckets=False)
     _check_destination(destination)
     check_hf_compatible(model_cfg)
     g = rank_groups(layout)
@@ -118,7 +126,7 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
     if g.expert_parallel:
         units = stage_params(model_cfg, g.pp_rank, g.pp_size)  # every expert, by global name
     own = _stage_buckets([u for u in units if not u.tied_copy], params, model_cfg, plan[g.pp_rank], g, out_dtype,
-                         bucket_bytes)
+                         bucket_bytes, buffers)
     if g.dp_rank != 0:
         for _ in own:  # runs this rank's part of the expert gathers
             pass
@@ -136,16 +144,18 @@ def iter_hf_weights(model, model_cfg: ModelConfig, bucket_bytes: int, *, dtype: 
         for _, flat in own:
             if in_flight is not None:
                 in_flight[0].wait()
+                buffers.release(in_flight[1])
             in_flight = (dist.isend(flat, dst=first, group=g.pp_group), flat)
         if in_flight is not None:
             in_flight[0].wait()
+            buffers.release(in_flight[1])
         return
     yield from (bucket for bucket, _ in own)
     device = next(iter(params.values())).device
     for stage in range(1, g.pp_size):
         src = dist.get_global_rank(g.pp_group, stage)
         for specs in plan[stage]:
-            flat = torch.empty(sum(s.numel for s in specs), dtype=out_dtype, device=device)
+            flat = buffers.bucket(sum(s.numel for s in specs), out_dtype, device)
             dist.recv(flat, src=src, group=g.pp_group)
             yield list(zip((s.name for s in specs), _views(flat, specs)))
 
@@ -191,69 +201,110 @@ def _gather_groups(units: list[LocalParam], cfg: ModelConfig, tp_size: int, elem
 
 
 @torch.no_grad()
-def _gather_full(group: list[LocalParam], params: dict, g: RankGroups, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Full (TP-merged) tensors of the group's parameters, valid on TP rank 0; one all-gather."""
-    local = {u.local_name: params[u.local_name].detach().to(dtype) for u in group}
+def _gather_shards(group: list[LocalParam], params: dict, g: RankGroups, dtype: torch.dtype,
+                   buffers: TransferBuffers) -> dict[str, list[torch.Tensor]]:
+    """Every TP rank's shard of the group's parameters (one entry for a replicated one), valid on TP
+    rank 0; one gather (gloo) or all-gather (NCCL). Shards and gathered rows live in `buffers`'
+    scratch space: valid until the next group's gather. Nothing is merged here: each shard is copied
+    straight into its place in the HF tensors (`hf_pieces_from_shard`)."""
     split = [u for u in group if u.split is not TPSplit.REPLICATED]
+    out = {u.local_name: [params[u.local_name].detach().to(dtype)] for u in group
+           if g.tp_size == 1 or u.split is TPSplit.REPLICATED}
     if g.tp_size == 1 or not split:
-        return local
-    flat = torch.cat([local[u.local_name].reshape(-1) for u in split])
-    if dist.get_backend(g.tp_group) == "gloo":
+        return out
+    shards = [params[u.local_name].detach() for u in split]
+    device = shards[0].device
+    flat = buffers.scratch("shards", sum(t.numel() for t in shards), dtype, device)
+    offset = 0
+    for t in shards:  # one copy (and cast) per shard, no concatenated temporary
+        flat[offset: offset + t.numel()].view(t.shape).copy_(t)
+        offset += t.numel()
+    gloo = dist.get_backend(g.tp_group) == "gloo"
+    keep = g.tp_rank == 0 or not gloo
+    gathered = buffers.scratch("gathered", g.tp_size * flat.numel() if keep else 0, dtype, device)
+    if gloo:
         # only TP rank 0 keeps the result: a gather moves (tp-1)/tp of an all-gather's bytes, and on
         # CPU those bytes cost the same cores the sync's broadcast needs
-        gathered = torch.empty(g.tp_size * flat.numel() if g.tp_rank == 0 else 0, dtype=dtype, device=flat.device)
-        rows = list(gathered.view(g.tp_size, -1)) if g.tp_rank == 0 else None
+        rows = list(gathered.view(g.tp_size, -1)) if keep else None
         dist.gather(flat, rows, dst=dist.get_global_rank(g.tp_group, 0), group=g.tp_group)
-        if g.tp_rank != 0:
-            return local
+        if not keep:
+            return {}
     else:
-        gathered = torch.empty(g.tp_size * flat.numel(), dtype=dtype, device=flat.device)
         _all_gather_flat(gathered, flat, group=g.tp_group)
     gathered = gathered.view(g.tp_size, -1)
-    out = dict(local)
     offset = 0
-    for u in split:
-        shape = local[u.local_name].shape
-        n = local[u.local_name].numel()
-        out[u.local_name] = merge_tp([gathered[r, offset: offset + n].view(shape) for r in range(g.tp_size)],
-                                     u.split)
-        offset += n
+    for u, t in zip(split, shards):
+        out[u.local_name] = [gathered[r, offset: offset + t.numel()].view(t.shape) for r in range(g.tp_size)]
+        offset += t.numel()
     return out
 
 
 def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan: list[list[HFTensorSpec]],
-                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int) -> Iterator[tuple[Bucket, torch.Tensor]]:
+                   g: RankGroups, dtype: torch.dtype, bucket_bytes: int,
+                   buffers: TransferBuffers) -> Iterator[tuple[Bucket, torch.Tensor]]:
     """This stage's buckets in plan order on TP rank 0, each with the one flat buffer its tensors are
-    views of (what a sender sends as is); other TP ranks only take part in the gathers."""
+    views of (what a sender sends as is); other TP ranks only take part in the gathers. Each HF tensor
+    is copied once, into its bucket's buffer, as soon as its gather group is merged."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    pending = iter(plan)
-    want = next(pending, None)
-    ready: dict[str, torch.Tensor] = {}
+    where = {s.name: (b, i) for b, specs in enumerate(plan) for i, s in enumerate(specs)}
+    filling: dict[int, tuple[torch.Tensor, list[torch.Tensor], set[int]]] = {}  # bucket -> flat, views, missing
+    next_out = 0
     receiver = g.tp_rank == 0 and g.dp_rank == 0
+    failure: Exception | None = None
     for group in _gather_groups(units, cfg, g.tp_size, element_size, bucket_bytes, g.expert_parallel):
         if g.expert_parallel and group[0].expert:
-            full = gather_layer_experts(group, params, cfg, g, dtype)  # by full name, on the receiver
+            experts = gather_layer_experts(group, params, cfg, g, dtype)  # by full name, on the receiver
+            shards = {name: [t] for name, t in experts.items()}
             keys = [u.full_name for u in group]
         elif g.dp_rank != 0:
             continue
         else:
-            full = _gather_full(group, params, g, dtype)
+            shards = _gather_shards(group, params, g, dtype, buffers)
             keys = [u.local_name for u in group]
-        if not receiver:
+        if not receiver or failure is not None:
+            continue  # after a failure the gathers still run to the end: the TP peers wait in them
+        try:
+            for u, key in zip(group, keys):
+                for rank, shard in enumerate(shards[key]):
+                    for piece in hf_pieces_from_shard(u.full_name, shard, cfg, rank, len(shards[key])):
+                        _fill(piece, plan, where, filling, next_out, buffers, dtype)
+        except Exception as exc:  # noqa: BLE001 - raised once every gather is done
+            failure = exc
             continue
-        for u, key in zip(group, keys):
-            for name, tensor in hf_from_megatron(u.full_name, full[key], cfg):
-                ready[name] = tensor  # may be a strided view: copied once, into the bucket's buffer
-        while want is not None and all(s.name in ready for s in want):
-            for s in want:
-                if tuple(ready[s.name].shape) != s.shape:
-                    raise RuntimeError(f"{s.name}: produced shape {tuple(ready[s.name].shape)}, planned {s.shape}")
-            flat = torch.empty(sum(s.numel for s in want), dtype=dtype, device=ready[want[0].name].device)
-            views = _views(flat, want)
-            for s, view in zip(want, views):
-                view.copy_(ready.pop(s.name))
-            yield list(zip((s.name for s in want), views)), flat
-            want = next(pending, None)
-    if receiver and (want is not None or ready):
-        raise RuntimeError(f"bucket plan and produced tensors disagree: left {sorted(ready)[:4]}, "
-                           f"waiting for {[s.name for s in want or []][:4]}")
+        while next_out in filling and not filling[next_out][2]:
+            flat, views, _ = filling.pop(next_out)
+            yield list(zip((s.name for s in plan[next_out]), views)), flat
+            next_out += 1
+    if failure is not None:
+        raise failure
+    if receiver and next_out != len(plan):
+        waiting = [plan[b][i].name for b in sorted(filling) for i in sorted(filling[b][2])]
+        raise RuntimeError(f"bucket plan and produced tensors disagree: {len(plan) - next_out} buckets not "
+                           f"complete, waiting for {(waiting or [s.name for s in plan[next_out]])[:4]}")
+
+
+def _fill(piece: HFPiece, plan: list[list[HFTensorSpec]], where: dict[str, tuple[int, int]],
+          filling: dict, next_out: int, buffers: TransferBuffers, dtype: torch.dtype) -> None:
+    """Copy one piece of an HF tensor into its planned place, opening its bucket's buffer on first use;
+    the tensor is done once all its elements arrived."""
+    name, tensor, dim, start = piece
+    b, i = where.get(name, (None, None))
+    if b is None or b < next_out or (b in filling and i not in filling[b][2]):
+        raise RuntimeError(f"bucket plan and produced tensors disagree: {name} is "
+                           f"{'not planned' if b is None else 'produced twice'}")
+    if b not in filling:
+        flat = buffers.bucket(sum(s.numel for s in plan[b]), dtype, tensor.device)
+        filling[b] = (flat, _views(flat, plan[b]), {j: s.numel for j, s in enumerate(plan[b])})
+    view = filling[b][1][i]
+    try:
+        place = piece_place(view, tensor, dim, start)
+        if place.shape != tensor.shape:
+            raise RuntimeError(f"it would fill {tuple(place.shape)}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: a piece of shape {tuple(tensor.shape)} at {start} along dim {dim} does not "
+                           f"fit the planned shape {tuple(view.shape)} ({exc})") from None
+    place.copy_(tensor)
+    missing = filling[b][2]
+    missing[i] -= tensor.numel()
+    if missing[i] <= 0:
+        del missing[i]

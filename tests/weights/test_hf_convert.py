@@ -135,6 +135,28 @@ def test_hf_megatron_round_trip_is_exact(variant, tp):
         assert torch.equal(back[n], t), n
 
 
+@pytest.mark.parametrize("variant", [dict(), QWEN2, QWEN3, dict(QWEN3, untie_embeddings_and_output_weights=False)])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_hf_pieces_of_every_shard_rebuild_the_hf_tensors(variant, tp):
+    """What the weight sync copies into its buckets: every TP rank's shard, cut into HF pieces, placed
+    at (dim, start), rebuilds each HF tensor exactly, every element written once and no pad row kept."""
+    cfg = _cfg(**variant, vocab_size=10 if tp == 4 else 37)  # TP4: ranks 2 and 3 hold only padding rows
+    hf = _hf_state(cfg, seed=tp, dtype=torch.float32)
+    fetch = H.dict_fetch(hf)
+    rebuilt = {n: torch.full_like(t, float("nan")) for n, t in hf.items()}
+    writes = {n: torch.zeros(t.shape, dtype=torch.int64) for n, t in hf.items()}
+    for full_name in L.full_param_names(cfg):
+        for r in range(tp):
+            shard = H.megatron_shard_from_hf(full_name, cfg, fetch, r, tp)
+            for name, piece, dim, start in H.hf_pieces_from_shard(full_name, shard, cfg, r, tp):
+                assert piece.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr(), name  # a view
+                H.piece_place(rebuilt[name], piece, dim, start).copy_(piece)
+                H.piece_place(writes[name], piece, dim, start).add_(1)
+    for n, t in hf.items():
+        assert torch.equal(rebuilt[n], t), n
+        assert bool((writes[n] == 1).all()), n
+
+
 def test_vocab_shards_pad_ranks_without_real_rows():
     cfg = _cfg(vocab_size=10, make_vocab_size_divisible_by=8)  # padded 32 at TP4: 8 rows per rank
     hf = _hf_state(cfg, dtype=torch.float32)
