@@ -215,6 +215,7 @@ def run(rank: int, args, path: str) -> None:
                              cpu_stream=t_stream[1]))
         if rank == 0:
             _print_table(rows, args, cfg)
+        dist.barrier()  # every sender has closed its group before rank 0 stops the server
     finally:
         if client is not None:
             client.close()
