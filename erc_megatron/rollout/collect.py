@@ -83,6 +83,16 @@ def generate_groups(client, prompts: list[dict], n: int, params: dict, reward_fn
     return groups, rewards
 
 
+def reward_function_metrics(samples: list[Sample]) -> dict[str, float]:
+    """`reward/<key>`: the mean over `samples` of each extra metric the reward function returned
+    (e.g. math_reward's `acc`, `has_boxed`), over the samples that carry it."""
+    sums: dict[str, list[float]] = {}
+    for s in samples:
+        for key, value in s.metrics.items():
+            sums.setdefault(key, []).append(float(value))
+    return {f"reward/{key}": sum(v) / len(v) for key, v in sums.items()}
+
+
 def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> tuple[list[list[Sample]], dict]:
     """Generate and score until `prompts_per_step` informative groups (dynamic sampling).
 
@@ -97,6 +107,7 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
     params = sampling_params(rc)
     overlong = (rc.max_response_length, rc.overlong_buffer) if rc.overlong_buffer else None
     all_rewards, all_lengths, generated = [], [], 0
+    all_samples: list[Sample] = []
     if rc.dynamic_sampling and n > 1:
         sampler = DynamicSampler(target, n, rc.max_extra_rounds, allow_partial=True)
         round_ = 0
@@ -108,6 +119,7 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
             generated += len(groups)
             all_rewards.append(rewards)
             all_lengths += [len(s.response_ids) for g in groups for s in g]
+            all_samples += [s for g in groups for s in g]
             sampler.add(groups, rewards)
             round_ += 1
             if progress is not None:
@@ -119,8 +131,9 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
         generated = len(groups)
         all_rewards.append(rewards)
         all_lengths += [len(s.response_ids) for g in groups for s in g]
+        all_samples += [s for g in groups for s in g]
     rewards_all = torch.cat(all_rewards) if all_rewards else torch.zeros(0)
-    metrics = {
+    metrics = {**reward_function_metrics(all_samples),
         "rollout/reward_mean": float(rewards_all.mean()) if rewards_all.numel() else float("nan"),
         "rollout/accuracy": float((rewards_all > 0).double().mean()) if rewards_all.numel() else float("nan"),
         "rollout/response_length": float(sum(all_lengths) / max(1, len(all_lengths))),
