@@ -499,11 +499,13 @@ class WeightSync:
 
     def _transfer_buffers(self):
         """The stream's buffers: on CPU the same ones every sync (fresh pages cost more than the copies,
-        see weights/transfer_buffers); on CUDA new ones per sync, so nothing stays held between syncs."""
+        see weights/transfer_buffers). On CUDA new scratch per sync, so nothing stays held between
+        syncs, and no bucket reuse: a broadcast enqueued on the sender's stream may still read a bucket
+        the producer's stream would refill (the caching allocator's record_stream covers a freed one)."""
         from erc_megatron.weights.transfer_buffers import TransferBuffers
 
         if torch.cuda.is_available():
-            return TransferBuffers()
+            return TransferBuffers(reuse_buckets=False)
         if self._buffers is None:
             self._buffers = TransferBuffers()
         return self._buffers

@@ -208,7 +208,8 @@ def _gather_shards(group: list[LocalParam], params: dict, g: RankGroups, dtype: 
     scratch space: valid until the next group's gather. Nothing is merged here: each shard is copied
     straight into its place in the HF tensors (`hf_pieces_from_shard`)."""
     split = [u for u in group if u.split is not TPSplit.REPLICATED]
-    out = {u.local_name: [params[u.local_name].detach().to(dtype)] for u in group
+    # unsplit ones as they are: the copy into the bucket casts them
+    out = {u.local_name: [params[u.local_name].detach()] for u in group
            if g.tp_size == 1 or u.split is TPSplit.REPLICATED}
     if g.tp_size == 1 or not split:
         return out
@@ -244,7 +245,7 @@ def _stage_buckets(units: list[LocalParam], params: dict, cfg: ModelConfig, plan
                    buffers: TransferBuffers) -> Iterator[tuple[Bucket, torch.Tensor]]:
     """This stage's buckets in plan order on TP rank 0, each with the one flat buffer its tensors are
     views of (what a sender sends as is); other TP ranks only take part in the gathers. Each HF tensor
-    is copied once, into its bucket's buffer, as soon as its gather group is merged."""
+    is copied once, into its bucket's buffer, as soon as its gather group is gathered."""
     element_size = torch.empty((), dtype=dtype).element_size()
     where = {s.name: (b, i) for b, specs in enumerate(plan) for i, s in enumerate(specs)}
     filling: dict[int, tuple[torch.Tensor, list[torch.Tensor], set[int]]] = {}  # bucket -> flat, views, missing

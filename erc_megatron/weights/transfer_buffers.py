@@ -3,10 +3,12 @@
 On CPU a freshly allocated large tensor costs a page fault per 4 KiB page at its first touch (glibc
 hands allocations above 32 MiB straight to mmap and back to the kernel on free). Measured on the
 2-core CPU machine: copying 170 MB into a fresh buffer took 0.12-0.22 s, into a reused one
-0.045-0.08 s. A weight sync moves every parameter through three such buffers (the TP shards, the
-gathered rows, the merged tensor) and a bucket, every step, so `WeightSync` keeps one `TransferBuffers`
+0.045-0.08 s. A weight sync moves every parameter through two scratch buffers (its TP shards, the
+gathered rows) and a bucket, every step, so `WeightSync` keeps one `TransferBuffers`
 for the run on CPU. On CUDA the caching allocator already reuses memory, and holding buckets for the
-whole run would cost colocated rollout engines GPU memory, so there each stream gets its own.
+whole run would cost colocated rollout engines GPU memory, so there each stream gets its own, with
+`reuse_buckets=False` (a bucket handed back while a broadcast on another CUDA stream still reads it
+must not be refilled; torch's caching allocator, with `record_stream`, already handles a freed one).
 
 Scratch space is used by the producing thread only, one gather group at a time. A bucket stays
 the consumer's until it hands it back with `release` (after its broadcast or POST finished); a
