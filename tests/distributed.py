@@ -11,6 +11,7 @@ Every launch costs a few seconds of imports: group several checks into one worke
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -36,7 +37,9 @@ def _entry(rank, world_size, port, fn, args, queue):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # plain pickle: torch's multiprocessing pickler would share tensors through a socket of this
+        # process, which may be gone (it exits at once) before the parent reads them
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -70,7 +73,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 600.
         if not queue.empty():
             rank, ok, out = queue.get()
             if ok:
-                results[rank] = out
+                results[rank] = pickle.loads(out)
             else:
                 errors.append(f"--- rank {rank} ---\n{out}")
                 break  # other ranks may now hang in a collective
