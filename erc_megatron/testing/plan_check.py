@@ -1,14 +1,16 @@
-"""Measure what the planner predicts: several layouts trained for one profiled step in ONE launch.
+"""Measure what the planner predicts: several layouts, each trained for two steps (the second profiled), in ONE launch.
 
     torchrun --nproc_per_node 4 -m erc_megatron.testing.plan_check --recipe R --out DIR \
         --layout dp4:parallel.tensor_model_parallel_size=1 --layout tp2pp2:... [-- overrides for all]
 
 For each `--layout NAME:overrides` (comma-separated `section.key=value`), every rank runs the real
-trainer (`erc_megatron.train.main.train`) for one step with the communication profiler on, under
-`OUT/NAME/`; the launch's process group is reused, megatron's parallel state is rebuilt per layout.
+trainer (`erc_megatron.train.main.train`) for two steps with the communication profiler on for the
+second, under `OUT/NAME/` (the planner predicts a steady step; megatron-core 0.19's optimizer adds a
+one-time 4-byte all-reduce to its first step); the launch's process group is reused, megatron's
+parallel state is rebuilt per layout.
 Each layout also writes `OUT/NAME/memory_rank{R}.json`: the rank's parameter, gradient-buffer and
 optimizer-state bytes counted on the live objects, and the peak of CPU tensor memory above the level
-at the call during the step's first forward-backward (activations, logits, temporaries).
+at the call during the run's first forward-backward (activations, logits, temporaries).
 `erc_megatron.plan.agreement` compares them with the prediction.
 """
 from __future__ import annotations
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.layout:
         name, _, extra = spec.partition(":")
         run_dir = os.path.join(args.out, name)
-        overrides = [*args.overrides, f"trainer.run_dir={run_dir}", "trainer.steps=1", "trainer.profile_comm=true",
-                     "trainer.profile_steps=[1]", "trainer.resume=false",
+        overrides = [*args.overrides, f"trainer.run_dir={run_dir}", "trainer.steps=2", "trainer.profile_comm=true",
+                     "trainer.profile_steps=[2]", "trainer.resume=false",
                      *[o for o in extra.split(",") if o]]
         cfg = config_tree.load(RunConfig, args.recipe, overrides)
         built.clear()
@@ -213,7 +215,7 @@ def demo_overrides(demo_dir: str) -> list[str]:
 
 def run_layouts(demo_dir: str, out_dir: str, layouts: dict[str, str], recipe: str = RECIPE, nproc: int = 4,
                 timeout: float = 900, extra: list[str] = ()) -> dict[str, dict]:
-    """One torchrun launch training every layout for one profiled step, then the comparison of each."""
+    """One torchrun launch training every layout for two steps (the second profiled), then the comparison of each."""
     import subprocess
     import sys
 
