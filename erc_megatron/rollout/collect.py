@@ -106,7 +106,7 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
     target = cfg.trainer.prompts_per_step
     params = sampling_params(rc)
     overlong = (rc.max_response_length, rc.overlong_buffer) if rc.overlong_buffer else None
-    all_rewards, all_lengths, generated = [], [], 0
+    all_rewards, generated = [], 0
     all_samples: list[Sample] = []
     if rc.dynamic_sampling and n > 1:
         sampler = DynamicSampler(target, n, rc.max_extra_rounds, allow_partial=True)
@@ -118,7 +118,6 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
                                               overlong)
             generated += len(groups)
             all_rewards.append(rewards)
-            all_lengths += [len(s.response_ids) for g in groups for s in g]
             all_samples += [s for g in groups for s in g]
             sampler.add(groups, rewards)
             round_ += 1
@@ -130,13 +129,12 @@ def collect_step(client, iterator, cfg, reward_fn, step: int, progress=None) -> 
         groups, rewards = generate_groups(client, prompts, n, params, reward_fn, cfg.trainer.seed, step, 0, overlong)
         generated = len(groups)
         all_rewards.append(rewards)
-        all_lengths += [len(s.response_ids) for g in groups for s in g]
         all_samples += [s for g in groups for s in g]
     rewards_all = torch.cat(all_rewards) if all_rewards else torch.zeros(0)
     metrics = {**reward_function_metrics(all_samples),
         "rollout/reward_mean": float(rewards_all.mean()) if rewards_all.numel() else float("nan"),
         "rollout/accuracy": float((rewards_all > 0).double().mean()) if rewards_all.numel() else float("nan"),
-        "rollout/response_length": float(sum(all_lengths) / max(1, len(all_lengths))),
+        "rollout/response_length": float(sum(len(s.response_ids) for s in all_samples) / max(1, len(all_samples))),
         "rollout/groups_generated": float(generated),
         "rollout/groups_kept": float(len(groups)),
         "time/rollout": time.perf_counter() - t0,
